@@ -1,0 +1,189 @@
+"""Start a real ComfyUI with this pack loaded, and talk to it over HTTP.
+
+Used by the ComfyUI tier of the tests (``COMFYUI_PATH`` must point to a ComfyUI
+checkout). The server gets its own base directory (models, input, output, temp,
+user), a free port on 127.0.0.1, and loads the pack through an
+``extra_model_paths.yaml`` ``custom_nodes:`` entry whose folder holds a link named
+like a cloned pack (not a Python identifier, as users' clones are).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_FOLDER_NAME = "ComfyUI-wan-reward-lora"
+MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "reward_models", "checkpoints")
+
+
+def comfyui_python(comfy_path: Path) -> str:
+    """ComfyUI's own venv if it has one (~/ComfyUI/.venv), else this interpreter."""
+    for candidate in (comfy_path / ".venv" / "bin" / "python", comfy_path / "venv" / "bin" / "python"):
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyUIServer:
+    def __init__(self, comfy_path: Path, base_dir: Path):
+        self.comfy_path = comfy_path
+        self.base = base_dir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base_dir / "comfyui.log"
+        self.process: subprocess.Popen | None = None
+        self.client_id = uuid.uuid4().hex
+
+    # ----- folders ---------------------------------------------------------
+    @property
+    def models(self) -> Path:
+        return self.base / "models"
+
+    def model_path(self, folder: str, name: str) -> Path:
+        path = self.models / folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def output(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def input(self) -> Path:
+        return self.base / "input"
+
+    # ----- lifecycle -------------------------------------------------------
+    def start(self, timeout: float = 300) -> None:
+        for folder in MODEL_FOLDERS:
+            (self.models / folder).mkdir(parents=True, exist_ok=True)
+        for folder in ("input", "output", "temp", "user", "custom_nodes"):
+            (self.base / folder).mkdir(parents=True, exist_ok=True)
+        packs = self.base / "packs"
+        packs.mkdir(exist_ok=True)
+        link = packs / PACK_FOLDER_NAME
+        if not link.exists():
+            link.symlink_to(PACK_ROOT, target_is_directory=True)
+        extra = self.base / "extra_model_paths.yaml"
+        extra.write_text(f"wan_reward_tests:\n  custom_nodes: {packs}\n")
+        cmd = [
+            comfyui_python(self.comfy_path), "main.py", "--cpu",
+            "--listen", "127.0.0.1", "--port", str(self.port),
+            "--base-directory", str(self.base),
+            "--extra-model-paths-config", str(extra),
+            "--database-url", "sqlite:///:memory:",
+            "--disable-auto-launch", "--disable-api-nodes",
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/system_stats", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(15)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # ----- API -------------------------------------------------------------
+    def get(self, route: str, **kwargs):
+        response = requests.get(f"{self.url}{route}", timeout=kwargs.pop("timeout", 60), **kwargs)
+        response.raise_for_status()
+        return response
+
+    def object_info(self) -> dict:
+        return self.get("/object_info").json()
+
+    def queue(self, prompt: dict) -> str:
+        """POST an API-format prompt; returns its prompt id (raises with node errors)."""
+        response = requests.post(
+            f"{self.url}/prompt", json={"prompt": prompt, "client_id": self.client_id}, timeout=60,
+        )
+        if response.status_code != 200:
+            raise AssertionError(f"prompt rejected ({response.status_code}): {response.text}")
+        return response.json()["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """Wait for a prompt to finish; returns its /history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}").json()
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue a prompt, wait, and return the outputs; raise with the error if it failed."""
+        entry = self.wait(self.queue(prompt), timeout)
+        if entry["status"]["status_str"] != "success":
+            raise PromptFailed(entry)
+        return entry["outputs"]
+
+    def run_expecting_error(self, prompt: dict, timeout: float = 600) -> str:
+        """Queue a prompt that must fail; returns the executor's error message."""
+        entry = self.wait(self.queue(prompt), timeout)
+        if entry["status"]["status_str"] == "success":
+            raise AssertionError(f"prompt succeeded but an error was expected: {entry['outputs']}")
+        return PromptFailed(entry).message
+
+
+class PromptFailed(AssertionError):
+    def __init__(self, entry: dict):
+        self.entry = entry
+        self.message = ""
+        for kind, data in entry.get("status", {}).get("messages", []):
+            if kind == "execution_error":
+                self.message = f"{data.get('exception_type')}: {data.get('exception_message')}"
+        super().__init__(self.message or json.dumps(entry.get("status"))[:2000])
+
+
+def start_server(comfy_path: Path, base_dir: Path) -> ComfyUIServer:
+    shutil.rmtree(base_dir, ignore_errors=True)
+    base_dir.mkdir(parents=True)
+    server = ComfyUIServer(comfy_path, base_dir)
+    server.start()
+    return server
