@@ -1,0 +1,67 @@
+"""The interface every reward model implements (the trainer and the nodes code against it)."""
+
+from __future__ import annotations
+
+import torch
+
+from .preprocess import check_frames, check_mode
+from .tokenizers import check_prompts
+
+
+class RewardModel(torch.nn.Module):
+    """A frozen preference model: ``score(frames, prompts) -> [B]``, higher is better.
+
+    ``score`` is differentiable w.r.t. ``frames`` (float [B, 3, H, W] in [0, 1]).
+    Prompt features are computed once per distinct prompt and cached.
+    ``preprocess`` is "reference" (the model's own published pipeline) or "squash"
+    (the seed's training transform: stretch to 224x224; equal for square frames).
+    """
+
+    name: str = "reward"
+
+    def __init__(self, preprocess: str = "reference"):
+        super().__init__()
+        self.preprocess = check_mode(preprocess)
+        self._prompt_cache: dict = {}
+
+    # Subclasses implement these two.
+    def _prompt_features(self, prompts: list[str]):
+        raise NotImplementedError
+
+    def _score_pixels(self, frames: torch.Tensor, prompt_features, mode: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prompt_cache = {}  # features live on the old device/dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def _cached_prompt_features(self, prompts: list[str]):
+        """Per-prompt features (a tuple of tensors per prompt), stacked in ``prompts`` order."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            with torch.no_grad():
+                features = self._prompt_features(missing)
+            for index, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = tuple(f[index] for f in features)
+        per_prompt = [self._prompt_cache[p] for p in prompts]
+        return tuple(torch.stack(parts) for parts in zip(*per_prompt))
+
+    def score(self, frames: torch.Tensor, prompts, preprocess: str | None = None) -> torch.Tensor:
+        """Scores [B] (float32) of each frame against its prompt (one prompt is broadcast)."""
+        check_frames(frames)
+        prompts = check_prompts(prompts, frames.shape[0])
+        mode = check_mode(preprocess or self.preprocess)
+        features = self._cached_prompt_features(prompts)
+        frames = frames.to(self.device, torch.float32)
+        return self._score_pixels(frames, features, mode).float()
+
+    def forward(self, frames: torch.Tensor, prompts, preprocess: str | None = None) -> torch.Tensor:
+        return self.score(frames, prompts, preprocess)

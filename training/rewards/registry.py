@@ -1,0 +1,155 @@
+"""``load_reward_model``: read a checkpoint safely, tell HPS from MPS by its keys, load strictly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..safe_io import UserFileError, load_torch_weights_only
+from .base import RewardModel
+
+EXPECTED_FILES = (
+    "Put one of these files in ComfyUI/models/reward_models/ (or give its full path):\n"
+    "  HPS v2.1: HPS_v2.1_compressed.pt from https://huggingface.co/xswu/HPSv2 (Apache-2.0), "
+    "or a safetensors conversion (HPS_v2.1_compressed.safetensors, DiffSynth-Studio/QualityMetric_reward_pretrained "
+    "on ModelScope; RE-N-Y/hpsv21 model.safetensors on Hugging Face)\n"
+    "  MPS: a state-dict conversion of MPS_overall_checkpoint.pth (github.com/Kwai-Kolors/MPS; no stated "
+    "licence, download it yourself): VideoX-Fun's MPS_overall.pth, RE-N-Y/mpsv1 model.safetensors, or "
+    "MPS_overall_checkpoint_diffsynth.safetensors"
+)
+_PREFIXES = ("module.", "model.", "mps.")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or a weights-only pickle (``{'state_dict': ...}`` unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        where = "it is a folder, not a file" if path.is_dir() else "no such file"
+        raise UserFileError(f"reward model checkpoint not found: {path} ({where}).\n{EXPECTED_FILES}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise UserFileError(f"{path.name} is not a readable safetensors file ({exc}); download it again") from exc
+    try:
+        data = load_torch_weights_only(path, "reward model checkpoint")
+    except UserFileError as exc:
+        raise UserFileError(
+            f"{exc}\nIf this is the official MPS_overall_checkpoint.pth (a whole pickled module), convert it "
+            "without running its code: python -m training.rewards.convert_mps <file> <out.safetensors>"
+        ) from exc
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+    if not isinstance(data, dict) or not data:
+        raise UserFileError(f"{path.name} holds {type(data).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(data):
+        other = sorted(k for k in data if k not in tensors)[:5]
+        raise UserFileError(f"{path.name} is not a plain state dict: entries {other} are not tensors")
+    return tensors
+
+
+def _strip_prefixes(state_dict: dict) -> dict:
+    """Drop wrapper prefixes (``module.``, ``model.``, ``mps.``) shared by every key."""
+    while state_dict:
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict) and not _is_mps(state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                break
+        else:
+            return state_dict
+    return state_dict
+
+
+def _is_hps(state_dict) -> bool:
+    from .hps import HPS_MARKER_KEYS
+
+    return all(k in state_dict for k in HPS_MARKER_KEYS)
+
+
+def _is_mps(state_dict) -> bool:
+    from .mps import MPS_MARKER_KEYS
+
+    return all(k in state_dict for k in MPS_MARKER_KEYS)
+
+
+def describe_keys(state_dict, limit: int = 6) -> str:
+    tops = sorted({k.split(".")[0] for k in state_dict})
+    return (f"{len(state_dict)} tensors; top-level names {tops[:limit]}{' ...' if len(tops) > limit else ''}; "
+            f"e.g. {sorted(state_dict)[:3]}")
+
+
+def detect_kind(state_dict) -> str:
+    """'hps' or 'mps' from the keys; UserFileError naming what was found otherwise."""
+    if _is_hps(state_dict):
+        return "hps"
+    if _is_mps(state_dict):
+        return "mps"
+    hint = ""
+    if any(k.startswith("vision_model.") or k.startswith("text_model.") for k in state_dict):
+        hint = (" It looks like a transformers CLIPModel without the MPS cross model (for example an HF "
+                "conversion of HPS or plain CLIP): HPS must be the open_clip layout (visual.*, transformer.*).")
+    elif any("diffusion" in k or k.startswith("blocks.") or "lora" in k for k in state_dict):
+        hint = " It looks like a diffusion model or LoRA, which belongs in another model folder."
+    raise UserFileError(
+        "not an HPS v2.1 (open_clip CLIP: visual.conv1.weight, token_embedding.weight, text_projection) nor an "
+        "MPS (model.vision_model.*, cross_model.layers.*) state dict: found " + describe_keys(state_dict) + "." + hint
+    )
+
+
+def load_strict(module: torch.nn.Module, state_dict, what: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the missing/unexpected keys."""
+    result = module.load_state_dict(state_dict, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
+        raise UserFileError(
+            f"the checkpoint does not match the {what} architecture inferred from its shapes: "
+            + "; ".join(parts) + ". The file is truncated, modified or of another model; nothing is loaded "
+            "partially (weights would silently stay random)."
+        )
+
+
+def _clean_mps(state_dict) -> dict:
+    """Drop buffers older transformers saved (``position_ids``) and cached rotary tables."""
+    return {k: v for k, v in state_dict.items()
+            if not k.endswith("embeddings.position_ids") and not k.endswith(".pos_emb")}
+
+
+def _shape_error(path, kind, exc) -> UserFileError:
+    return UserFileError(f"{Path(path).name} has {kind.upper()} key names but inconsistent shapes ({exc})")
+
+
+def load_reward_model(path, device="cpu", dtype=torch.float32, variant: str | None = None,
+                      preprocess: str = "reference") -> RewardModel:
+    """Load HPS v2.1 or MPS from ``path`` (detected from the keys), frozen, in eval mode.
+
+    ``variant`` applies to MPS only: "official" (default) or "seed". ``preprocess``:
+    "reference" or "squash" (also selectable per ``score`` call).
+    """
+    state_dict = _strip_prefixes(read_state_dict(path))
+    kind = detect_kind(state_dict)
+    try:
+        if kind == "hps":
+            if variant not in (None, "official"):
+                raise ValueError(f"variant {variant!r} applies to MPS only; {Path(path).name} is HPS v2.1")
+            from .hps import build_hps
+
+            model = build_hps(state_dict, preprocess)
+        else:
+            from .mps import build_mps
+
+            model = build_mps(_clean_mps(state_dict), variant, preprocess)
+    except (KeyError, RuntimeError) as exc:
+        raise _shape_error(path, kind, exc) from exc
+    model.source_path = str(path)
+    return model.to(device=device, dtype=dtype)
