@@ -1,3 +1,131 @@
-"""Wan Dual LoRA Loader node (work in progress: the node lands in the next commit)."""
+"""Wan Dual LoRA Loader: one LoRA per Wan2.2 expert, any key format, with a load report.
 
-NODES: list = []
+Keys are renamed by ``training.lora_format`` and then handed to ComfyUI's own LoRA
+path (``comfy.lora.load_lora`` + ``ModelPatcher.clone().add_patches``), so patching is
+lazy and reversible like core's loader: no weight is copied, and changing a strength
+re-runs only this node (the file stays in the module-level cache below).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import comfy.lora
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..training.lora_format import (STRENGTH_LIMIT, LoadedLora, LoraInputError, check_strength,
+                                    match_lora, read_lora)
+from ..training.lora_pairing import partner_name
+
+NONE = "None"
+_CACHE_SIZE = 4
+_CACHE: OrderedDict[tuple[str, int, int], LoadedLora] = OrderedDict()
+
+
+def read_cached(path: str) -> LoadedLora:
+    """``read_lora`` with a small cache keyed by path, mtime and size."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    for old in [k for k in _CACHE if k[0] == path]:
+        del _CACHE[old]
+    lora = read_lora(path)
+    _CACHE[key] = lora
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return lora
+
+
+def apply_lora(model, lora_name: str, strength, expert: str, other_name: str, files: list[str]):
+    """(patched clone of ``model`` or ``model`` itself, report text) for one expert."""
+    slot, other_slot = f"lora_{expert}", f"lora_{'low' if expert == 'high' else 'high'}"
+    if not lora_name or lora_name == NONE:
+        return model, f"{slot}: None (model passed through unchanged)"
+    strength = check_strength(strength, f"strength_{expert}")
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None:
+        raise LoraInputError(f"{slot}: {lora_name} is not in ComfyUI's loras folders "
+                             f"({', '.join(folder_paths.get_folder_paths('loras'))})")
+    lora = read_cached(path)
+    shapes = {k: v.shape for k, v in model.model.state_dict().items()}
+    report = match_lora(lora, shapes, slot=slot, strength=strength, expert=expert)
+    partner = partner_name(lora_name, files)
+    if partner:
+        where = "loaded there" if partner == other_name else f"{other_slot} is {other_name}"
+        report.notes.append(f"partner file found: {partner} ({where})")
+    report.raise_for_errors()
+    if strength == 0:
+        report.notes.append("strength 0: LoRA not applied")
+        return model, report.render()
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(lora.subset(report.matched), key_map, log_missing=False)
+    patched = model.clone()
+    applied = set(patched.add_patches(patches, strength))
+    if len(applied) != len(patches):
+        missing = [str(k) for k in patches if k not in applied][:3]
+        report.warnings.append(f"{len(patches) - len(applied)} patches found no weight in the model, "
+                               f"e.g. {', '.join(missing)}")
+    return patched, report.render()
+
+
+def _strength_input(expert: str) -> io.Float.Input:
+    return io.Float.Input(
+        f"strength_{expert}", default=0.5, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
+        tooltip="Multiplies alpha/rank * up @ down. Official reward LoRAs: start at 0.5-0.7. 0 = off.")
+
+
+class WanRewardDualLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = [NONE] + folder_paths.get_filename_list("loras")
+        return io.Schema(
+            node_id="WanRewardDualLoraLoader",
+            display_name="Wan Dual LoRA Loader",
+            category="Wan Reward LoRA/loaders",
+            description=(
+                "Applies one LoRA to the Wan2.2 high-noise expert and one to the low-noise expert, in "
+                "any common key format (VideoX-Fun, kohya/musubi, ComfyUI, PEFT/diffusers, DiffSynth, "
+                "ai-toolkit, finetrainers). Chain several to stack LoRAs. The report says what loaded."),
+            inputs=[
+                io.Model.Input("model_high", tooltip="The high-noise expert (first sampler)."),
+                io.Model.Input("model_low", tooltip="The low-noise expert (second sampler)."),
+                io.Combo.Input("lora_high", options=files, default=NONE,
+                               tooltip="LoRA for the high-noise expert (ComfyUI's loras folder)."),
+                _strength_input("high"),
+                io.Combo.Input("lora_low", options=files, default=NONE,
+                               tooltip="LoRA for the low-noise expert. Choosing a high/low-named file "
+                                       "proposes its partner here."),
+                _strength_input("low"),
+            ],
+            outputs=[
+                io.Model.Output("model_high_out", display_name="model_high"),
+                io.Model.Output("model_low_out", display_name="model_low"),
+                io.String.Output("report", display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, strength_high=None, strength_low=None) -> bool | str:
+        for name, value in (("strength_high", strength_high), ("strength_low", strength_low)):
+            if value is None:  # linked from another node: checked when it runs
+                continue
+            try:
+                check_strength(value, name)
+            except LoraInputError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, model_high, model_low, lora_high, strength_high, lora_low, strength_low) -> io.NodeOutput:
+        files = folder_paths.get_filename_list("loras")
+        high, report_high = apply_lora(model_high, lora_high, strength_high, "high", lora_low, files)
+        low, report_low = apply_lora(model_low, lora_low, strength_low, "low", lora_high, files)
+        report = f"{report_high}\n\n{report_low}"
+        return io.NodeOutput(high, low, report, ui=ui.PreviewText(report))
+
+
+NODES = [WanRewardDualLoraLoader]

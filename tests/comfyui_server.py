@@ -24,6 +24,8 @@ import requests
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER_NAME = "ComfyUI-wan-reward-lora"
+# Test-only packs loaded beside ours (never shipped): (folder name, path).
+TEST_PACKS = (("comfy_probe_pack", Path(__file__).resolve().parent / "comfy_probe_pack"),)
 MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "reward_models", "checkpoints")
 
 
@@ -77,9 +79,10 @@ class ComfyUIServer:
             (self.base / folder).mkdir(parents=True, exist_ok=True)
         packs = self.base / "packs"
         packs.mkdir(exist_ok=True)
-        link = packs / PACK_FOLDER_NAME
-        if not link.exists():
-            link.symlink_to(PACK_ROOT, target_is_directory=True)
+        for name, target in ((PACK_FOLDER_NAME, PACK_ROOT), *TEST_PACKS):
+            link = packs / name
+            if not link.exists() and target.is_dir():
+                link.symlink_to(target, target_is_directory=True)
         extra = self.base / "extra_model_paths.yaml"
         extra.write_text(f"wan_reward_tests:\n  custom_nodes: {packs}\n")
         cmd = [

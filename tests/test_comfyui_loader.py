@@ -1,0 +1,144 @@
+"""The Wan Dual LoRA Loader inside a real ComfyUI: two tiny experts, LoRAs in several formats.
+
+Patched weights are read back with the test-only probe node (tests/comfy_probe_pack),
+which loads the model the way a sampler does, and compared with W + s*alpha/r*up@down
+computed here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny_wan import expected_weight, linear_module_names, random_lora, tiny_wan_state_dict
+from training.wan_names import native_to_diffusers
+
+pytestmark = pytest.mark.comfyui
+Q = "blocks.1.self_attn.q"  # a module every LoRA below patches
+CHECKED = ("blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.1.ffn.2", "head.head")
+
+
+def _videox(lora):
+    out = {}
+    for m, (up, down, alpha) in lora.items():
+        base = "lora_unet__" + m.replace(".", "_")
+        out |= {base + ".lora_up.weight": up, base + ".lora_down.weight": down, base + ".alpha": torch.tensor(alpha)}
+    return out
+
+
+def _kohya(lora):
+    out = {}
+    for m, (up, down, alpha) in lora.items():
+        base = "lora_unet_" + m.replace(".", "_")
+        out |= {base + ".lora_up.weight": up, base + ".lora_down.weight": down, base + ".alpha": torch.tensor(alpha)}
+    return out
+
+
+def _diffusers(lora):
+    """PEFT/diffusers names, no alpha (ComfyUI then uses scale 1.0: alpha = rank)."""
+    return {f"transformer.{native_to_diffusers(m)}.lora_{ab}.weight": t
+            for m, (up, down, _) in lora.items() for ab, t in (("A", down), ("B", up))}
+
+
+@pytest.fixture(scope="module")
+def setup(comfyui):
+    experts = {"high": tiny_wan_state_dict(seed=10), "low": tiny_wan_state_dict(seed=11)}
+    for name, sd in experts.items():
+        save_file(sd, comfyui.model_path("diffusion_models", f"tiny_wan_{name}.safetensors"))
+    modules = linear_module_names()
+    loras = {
+        "videox_high": random_lora(experts["high"], modules, rank=4, alpha=2.0, seed=1),
+        "kohya_high": random_lora(experts["high"], modules[:8], rank=8, alpha=4.0, seed=2),
+        "diffusers_low": random_lora(experts["low"], modules, rank=4, alpha=None, seed=3),
+    }
+    save_file(_videox(loras["videox_high"]), comfyui.model_path("loras", "wan/reward-high-noise.safetensors"))
+    save_file(_kohya(loras["kohya_high"]), comfyui.model_path("loras", "kohya_style.safetensors"))
+    save_file(_diffusers(loras["diffusers_low"]), comfyui.model_path("loras", "wan/reward-low-noise.safetensors"))
+    save_file({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 8)},
+              comfyui.model_path("loras", "flux_style.safetensors"))
+    return experts, loras
+
+
+def _graph(lora_high, strength_high, lora_low, strength_low):
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_high.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_low.safetensors", "weight_dtype": "default"}},
+        "3": {"class_type": "WanRewardDualLoraLoader", "inputs": {
+            "model_high": ["1", 0], "model_low": ["2", 0], "lora_high": lora_high,
+            "strength_high": strength_high, "lora_low": lora_low, "strength_low": strength_low}},
+    }
+
+
+def _probe(prompt, node_id, source, filename):
+    prompt[node_id] = {"class_type": "ProbeSaveModelWeights", "inputs": {"model": source, "filename": filename}}
+
+
+def test_object_info_lists_the_loader(comfyui):
+    info = comfyui.object_info()["WanRewardDualLoraLoader"]
+    assert info["display_name"] == "Wan Dual LoRA Loader"
+    assert list(info["input"]["required"]) == ["model_high", "model_low", "lora_high", "strength_high",
+                                               "lora_low", "strength_low"]
+    assert info["output_name"] == ["model_high", "model_low", "report"]
+
+
+def test_dual_loader_patches_both_experts(comfyui, setup):
+    experts, loras = setup
+    prompt = _graph("wan/reward-high-noise.safetensors", 0.6, "wan/reward-low-noise.safetensors", 0.7)
+    # chained second loader: stacks a kohya LoRA on the high expert, nothing on the low one
+    prompt["4"] = {"class_type": "WanRewardDualLoraLoader", "inputs": {
+        "model_high": ["3", 0], "model_low": ["3", 1], "lora_high": "kohya_style.safetensors",
+        "strength_high": 0.3, "lora_low": "None", "strength_low": 1.0}}
+    # core's loader with the diffusers-named LoRA: ComfyUI ignores those keys
+    prompt["5"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["2", 0], "lora_name": "wan/reward-low-noise.safetensors", "strength_model": 0.7}}
+    _probe(prompt, "10", ["4", 0], "high")
+    _probe(prompt, "11", ["4", 1], "low")
+    _probe(prompt, "12", ["5", 0], "core_low")
+    outputs = comfyui.run(prompt)
+
+    report = outputs["3"]["text"][0]
+    assert "VideoX-Fun" in report and "modules matched: 26 of 26" in report
+    assert "partner file found: wan/reward-low-noise.safetensors" in report
+
+    high = load_file(comfyui.output / "high.safetensors")
+    low = load_file(comfyui.output / "low.safetensors")
+    core_low = load_file(comfyui.output / "core_low.safetensors")
+    for module in CHECKED:
+        key = f"diffusion_model.{module}.weight"
+        want_high = expected_weight(experts["high"][f"{module}.weight"], *loras["videox_high"][module], 0.6)
+        if module in loras["kohya_high"]:
+            up, down, alpha = loras["kohya_high"][module]
+            want_high = want_high + 0.3 * alpha / down.shape[0] * (up @ down)
+        want_low = expected_weight(experts["low"][f"{module}.weight"], *loras["diffusers_low"][module], 0.7)
+        assert torch.allclose(high[key], want_high, atol=1e-6, rtol=0), module
+        assert torch.allclose(low[key], want_low, atol=1e-6, rtol=0), module
+        # core LoraLoaderModelOnly left the weight as it was
+        assert torch.equal(core_low[key], experts["low"][f"{module}.weight"]), module
+    assert not torch.equal(low[f"diffusion_model.{Q}.weight"], experts["low"][f"{Q}.weight"])
+
+
+def test_unet_loader_detects_tiny_experts_as_wan(comfyui, setup):
+    from safetensors import safe_open
+
+    prompt = _graph("None", 1.0, "None", 1.0)
+    _probe(prompt, "10", ["3", 0], "plain_high")
+    outputs = comfyui.run(prompt)
+    assert "None (model passed through unchanged)" in outputs["3"]["text"][0]
+    with safe_open(str(comfyui.output / "plain_high.safetensors"), "pt") as f:
+        assert f.metadata()["model_class"] == "WAN21"
+
+
+def test_lora_of_another_architecture_fails_with_what_keys_look_like(comfyui, setup):
+    prompt = _graph("flux_style.safetensors", 1.0, "None", 1.0)
+    _probe(prompt, "10", ["3", 0], "never")
+    message = comfyui.run_expecting_error(prompt)
+    assert "nothing matched" in message and "double_blocks.0.img_attn.qkv" in message
+    assert "Flux" in message
+
+
+def test_strength_out_of_range_is_rejected_with_the_value(comfyui, setup):
+    prompt = _graph("wan/reward-high-noise.safetensors", 25.0, "None", 1.0)
+    _probe(prompt, "10", ["3", 0], "never")
+    with pytest.raises(AssertionError, match=r"strength_high = 25.0 is out of range"):
+        comfyui.queue(prompt)

@@ -1,0 +1,437 @@
+"""Wan LoRA files: read any common format, write the canonical one, check against a model.
+
+Public API (the trainer and the loader node use these):
+- ``save_canonical_lora(path, modules, metadata)``: write ``diffusion_model.<native>.
+  lora_up.weight / lora_down.weight / alpha`` atomically, with string metadata.
+- ``read_lora(path) -> LoadedLora``: tensors renamed to the canonical naming (no copies),
+  the file's metadata, the format detected and notes.
+- ``match_lora(lora, model_shapes, ...) -> LoadReport``: which modules fit the model, what
+  did not and why, rank/alpha/scale; ``LoadReport.render()`` is the text shown on the node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .lora_keys import (ALPHA, CANONICAL_PREFIX, DOWN, UP, canonical_key, choose_namespace,
+                        describe_source, native_module, parse_key, resolve_module)
+from .lora_pairing import expert_of
+from .safe_io import UserFileError, load_torch_weights_only, save_safetensors
+from .wan_names import WAN21_I2V_MARKERS
+
+STRENGTH_LIMIT = 10.0
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+EXAMPLES = 5
+
+
+class LoraInputError(UserFileError):
+    """A LoRA file or a loader setting the user chose cannot be used as it is."""
+
+
+# --------------------------------------------------------------------------- write
+def save_canonical_lora(path, modules: Mapping[str, tuple[torch.Tensor, torch.Tensor, float | None]],
+                        metadata: Mapping[str, str]) -> Path:
+    """Write a LoRA in the canonical ComfyUI naming; returns the path.
+
+    ``modules``: native module path (``blocks.0.self_attn.q``) -> (up [out, r],
+    down [r, in], alpha or None). Alpha None writes no ``.alpha`` (scale 1.0).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for native, (up, down, alpha) in modules.items():
+        if resolve_module(native, ".", "native") != native:
+            raise ValueError(f"save_canonical_lora: {native!r} is not a native Wan module path "
+                             "(expected e.g. 'blocks.0.self_attn.q')")
+        if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"save_canonical_lora: {native}: up {list(up.shape)} and down "
+                             f"{list(down.shape)} do not share a rank")
+        tensors[canonical_key(native, UP)] = up
+        tensors[canonical_key(native, DOWN)] = down
+        if alpha is not None:
+            tensors[canonical_key(native, ALPHA)] = torch.tensor(float(alpha))
+    meta = {"format": "pt"}
+    meta.update({str(k): str(v) for k, v in metadata.items()})
+    return save_safetensors(tensors, path, meta)
+
+
+# --------------------------------------------------------------------------- read
+@dataclass
+class LoadedLora:
+    path: Path
+    tensors: dict[str, torch.Tensor]          # canonical key -> tensor (the file's own tensors)
+    metadata: dict[str, str]
+    format: str
+    modules: dict[str, dict[str, str]]        # native module -> {part: canonical key}
+    unrecognised: dict[str, str] = field(default_factory=dict)  # file key -> why
+    notes: list[str] = field(default_factory=list)
+
+    def subset(self, modules: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Canonical tensors of the given modules only (same tensor objects)."""
+        return {key: self.tensors[key] for m in modules for key in self.modules[m].values()}
+
+
+def read_lora(path) -> LoadedLora:
+    """Read a LoRA file of any supported format and rename its keys canonically."""
+    path = Path(path)
+    raw, metadata = _read_tensors(path)
+    parsed, unrecognised = [], {}
+    for key in raw:
+        pk = parse_key(key)
+        if pk is None:
+            unrecognised[key] = "not a LoRA tensor name"
+        else:
+            parsed.append(pk)
+    namespace = choose_namespace(parsed)
+    lora = LoadedLora(path, {}, metadata, describe_source(parsed, namespace) if parsed else "unknown",
+                      {}, unrecognised)
+    for pk in parsed:
+        native = native_module(pk, namespace)
+        if native is None:
+            lora.unrecognised[pk.raw] = f"'{pk.module}' is not a Wan module name"
+            continue
+        key = canonical_key(native, pk.part)
+        if key in lora.tensors:
+            lora.notes.append(f"duplicate key {pk.raw} (same module and part as an earlier key): skipped")
+            continue
+        lora.tensors[key] = raw[pk.raw]
+        lora.modules.setdefault(native, {})[pk.part] = key
+    _apply_peft_alpha(lora, _peft_config(metadata, path))
+    return lora
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise LoraInputError(f"LoRA file not found: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _read_pickle(path), {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip or pickle under another name
+            return _read_pickle(path), {}
+        size = path.stat().st_size
+        raise LoraInputError(
+            f"LoRA file {path.name} is not a valid safetensors file ({size} bytes; "
+            f"{str(exc).splitlines()[0][:160]}). It may be truncated or not a LoRA: "
+            "download it again and compare its size with the source."
+        ) from exc
+    return tensors, metadata
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    obj = load_torch_weights_only(path, what="LoRA file")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
+        if isinstance(obj, dict) else {}
+    if not tensors:
+        raise LoraInputError(f"LoRA file {path.name} holds no tensors by name "
+                             f"(found {type(obj).__name__}); it is not a LoRA state dict")
+    return tensors
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def _peft_config(metadata: Mapping[str, str], path: Path) -> dict:
+    """lora_alpha / use_rslora from diffusers' ``lora_adapter_metadata``, plain metadata
+    keys, or PEFT's ``adapter_config.json`` beside an ``adapter_model.safetensors``."""
+    config: dict = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            for key, value in json.loads(raw).items():
+                config[key.rsplit(".", 1)[-1]] = value  # "transformer.lora_alpha" -> "lora_alpha"
+        except (ValueError, AttributeError):
+            pass
+    for key in ("lora_alpha", "use_rslora", "r"):
+        if key in metadata:
+            config.setdefault(key, metadata[key])
+    beside = path.with_name("adapter_config.json")
+    if path.name.startswith("adapter_model") and beside.is_file():
+        try:
+            for key, value in json.loads(beside.read_text()).items():
+                config.setdefault(key, value)
+        except ValueError:
+            pass
+    return config
+
+
+def _apply_peft_alpha(lora: LoadedLora, config: dict) -> None:
+    """Turn PEFT's lora_alpha (and rsLoRA's alpha/sqrt(rank) scale) into canonical alphas."""
+    rs = _truthy(config.get("use_rslora", False))
+    if "lora_alpha" not in config and not rs:
+        return
+    lora_alpha = float(config.get("lora_alpha", 8))  # PEFT's default lora_alpha is 8
+    changed = 0
+    for native, parts in lora.modules.items():
+        if DOWN not in parts:
+            continue
+        rank = lora.tensors[parts[DOWN]].shape[0]
+        if ALPHA in parts:
+            if not rs:
+                continue
+            alpha = float(lora.tensors[parts[ALPHA]].float().item()) * math.sqrt(rank)
+        else:
+            alpha = lora_alpha * (math.sqrt(rank) if rs else 1.0)
+            parts[ALPHA] = canonical_key(native, ALPHA)
+        lora.tensors[parts[ALPHA]] = torch.tensor(alpha, dtype=torch.float32)
+        changed += 1
+    if changed:
+        if rs:
+            lora.format += " + rank-stabilised (rsLoRA)"
+            lora.notes.append(f"rsLoRA: scale lora_alpha/sqrt(rank) applied to {changed} modules "
+                              "(from the file's metadata)")
+        else:
+            lora.notes.append(f"alpha {lora_alpha:g} taken from the PEFT config in the file's metadata")
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        lora.notes.append("PEFT alpha_pattern/rank_pattern in the metadata are not applied")
+
+
+# --------------------------------------------------------------------------- check
+@dataclass
+class ShapeMismatch:
+    key: str
+    lora_shape: str
+    model_key: str
+    model_shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.key}: LoRA {self.lora_shape} vs model {self.model_key} {list(self.model_shape)}"
+
+
+@dataclass
+class LoadReport:
+    """What loading one LoRA file onto one model did; ``render()`` gives the node's text."""
+    slot: str
+    file: str
+    format: str = ""
+    strength: float | None = None
+    modules_in_file: int = 0
+    matched: list[str] = field(default_factory=list)
+    unmatched: dict[str, str] = field(default_factory=dict)      # key -> why
+    shape_mismatches: list[ShapeMismatch] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    alphas: list[float | None] = field(default_factory=list)
+    wan21_i2v_keys: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def scales(self) -> list[float]:
+        return sorted({1.0 if a is None else a / r for r, a in zip(self.ranks, self.alphas)})
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            raise LoraInputError(self.render())
+
+    def render(self) -> str:
+        strength = "" if self.strength is None else f" (strength {self.strength:g})"
+        lines = [f"{self.slot}: {self.file}{strength}"]
+        if self.format:
+            lines.append(f"  format: {self.format}")
+        lines.append(f"  modules matched: {len(self.matched)} of {self.modules_in_file}; "
+                     f"keys unmatched: {len(self.unmatched)}; shape mismatches: {len(self.shape_mismatches)}")
+        if self.ranks:
+            alphas = sorted({"none (= rank)" if a is None else f"{a:g}" for a in self.alphas})
+            scales = ", ".join(f"{s:g}" for s in self.scales)
+            line = (f"  rank {', '.join(map(str, sorted(set(self.ranks))))}; alpha {', '.join(alphas)}; "
+                    f"effective scale alpha/rank = {scales}")
+            if self.strength is not None and len(self.scales) == 1:
+                line += f" (x strength = {self.scales[0] * self.strength:g})"
+            lines.append(line)
+        for key, why in list(self.unmatched.items())[:EXAMPLES]:
+            lines.append(f"  unmatched: {key} ({why})")
+        for mismatch in self.shape_mismatches[:EXAMPLES]:
+            lines.append(f"  shape mismatch: {mismatch}")
+        shown = {k: v for k, v in self.metadata.items() if not k.startswith("sshs_") and k != "format"}
+        for key, value in list(shown.items())[:12]:
+            value = value if len(value) <= 80 else value[:77] + "..."
+            lines.append(f"  metadata {key}: {value}")
+        lines += [f"  ERROR: {e}" for e in self.errors]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __str__ = render
+
+
+_ARCHITECTURE_HINTS: tuple[tuple[str, str], ...] = (
+    ("double_blocks", "Flux or HunyuanVideo"), ("single_blocks", "Flux or HunyuanVideo"),
+    ("single_transformer_blocks", "Flux (diffusers)"), ("joint_blocks", "SD3"),
+    ("transformer_blocks", "a diffusers DiT (Flux, SD3, CogVideoX, LTX-Video, ...)"),
+    ("input_blocks", "a Stable Diffusion UNet"), ("down_blocks", "a Stable Diffusion UNet"),
+    ("lora_te", "a Stable Diffusion text encoder"), ("text_model", "a CLIP text encoder"),
+    ("vace_blocks", "Wan VACE (its extra blocks)"), ("layers.", "a language model or Lumina/Qwen-Image"),
+)
+
+
+def _guess_architecture(keys: Iterable[str]) -> str:
+    for key in keys:
+        for marker, name in _ARCHITECTURE_HINTS:
+            if marker in key:
+                return f"; they look like {name}, not Wan"
+    return ""
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
+               strength: float | None = None, expert: str | None = None) -> LoadReport:
+    """Check a read LoRA against a model's state-dict keys and shapes.
+
+    ``model_shapes``: parameter name (with or without ``diffusion_model.``) -> tensor
+    or shape. ``expert``: "high"/"low" when known, for the seed-specific advice.
+    """
+    shapes = {k[len(CANONICAL_PREFIX):] if k.startswith(CANONICAL_PREFIX) else k: _shape(v)
+              for k, v in model_shapes.items()}
+    report = LoadReport(slot=slot, file=lora.path.name, format=lora.format, strength=strength,
+                        modules_in_file=len(lora.modules), metadata=dict(lora.metadata),
+                        notes=list(lora.notes))
+    report.unmatched.update(lora.unrecognised)
+    for native, parts in lora.modules.items():
+        why = _check_module(lora, native, parts, shapes, report)
+        if why is None:
+            report.matched.append(native)
+            if DOWN in parts:
+                report.ranks.append(int(lora.tensors[parts[DOWN]].shape[0]))
+                alpha = lora.tensors.get(parts.get(ALPHA, ""))
+                report.alphas.append(None if alpha is None else float(alpha.float().item()))
+        elif why:
+            for key in parts.values():
+                report.unmatched[key] = why
+            if any(m in native for m in WAN21_I2V_MARKERS):
+                report.wan21_i2v_keys += len(parts)
+    _judge(lora, report)
+    _seed_advice(lora, report, expert)
+    return report
+
+
+def _check_module(lora: LoadedLora, native: str, parts: dict[str, str], shapes: dict,
+                  report: LoadReport) -> str | None:
+    """None if the module fits; a reason if not; "" if recorded as a shape mismatch."""
+    target = f"{native}.weight" if f"{native}.weight" in shapes else native
+    if target not in shapes:
+        return "no such module in this model"
+    weight_shape = shapes[target]
+    if (UP in parts) != (DOWN in parts):
+        return "lora_up without lora_down" if UP in parts else "lora_down without lora_up"
+    before = len(report.shape_mismatches)
+    if UP in parts:
+        up, down = lora.tensors[parts[UP]], lora.tensors[parts[DOWN]]
+        fits = (up.shape[0] == weight_shape[0] and up.shape[1] == down.shape[0]
+                and math.prod(down.shape[1:]) == math.prod(weight_shape[1:]))
+        if not fits:
+            report.shape_mismatches.append(ShapeMismatch(
+                CANONICAL_PREFIX + native, f"up {list(up.shape)} @ down {list(down.shape)}",
+                CANONICAL_PREFIX + target, weight_shape))
+    if "diff" in parts and _shape(lora.tensors[parts["diff"]]) != weight_shape:
+        report.shape_mismatches.append(ShapeMismatch(
+            parts["diff"], str(list(lora.tensors[parts["diff"]].shape)), CANONICAL_PREFIX + target, weight_shape))
+    if "diff_b" in parts:
+        bias_shape = shapes.get(f"{native}.bias")
+        if bias_shape != _shape(lora.tensors[parts["diff_b"]]):
+            report.shape_mismatches.append(ShapeMismatch(
+                parts["diff_b"], str(list(lora.tensors[parts["diff_b"]].shape)),
+                f"{CANONICAL_PREFIX}{native}.bias", bias_shape or ()))
+    return "" if len(report.shape_mismatches) > before else None
+
+
+def _judge(lora: LoadedLora, report: LoadReport) -> None:
+    name = lora.path.name
+    if report.wan21_i2v_keys:
+        report.warnings.append(
+            f"{name} looks like a Wan2.1 image-to-video LoRA: {report.wan21_i2v_keys} keys are for "
+            "k_img/v_img/img_emb (the CLIP image branch), which Wan2.2 A14B does not have; they are "
+            "skipped. The seed's table links such a Wan2.1 file for the low-noise MPS LoRA: prefer "
+            "the low-noise HPS2.1 file.")
+    if report.shape_mismatches:
+        first = report.shape_mismatches[0]
+        report.errors.append(
+            f"{len(report.shape_mismatches)} shape mismatches in {name}, first {first}. This LoRA was "
+            "made for a model of another size (Wan2.1 1.3B, Wan2.2 5B, ...); use one made for Wan2.2 A14B.")
+    if not report.matched and not report.shape_mismatches:
+        examples = list(lora.unrecognised)[:3] or [k for p in lora.modules.values() for k in p.values()][:3]
+        report.errors.append(
+            f"nothing matched: none of the {len(lora.unrecognised) + len(lora.tensors)} keys of {name} "
+            f"fits this Wan model. Keys look like: {', '.join(examples) or '(no tensors)'}"
+            f"{_guess_architecture(list(lora.unrecognised) + list(lora.tensors))}.")
+    elif report.unmatched and report.matched:
+        report.warnings.append(
+            f"partial match: {len(report.matched)} of {report.modules_in_file} modules loaded, "
+            f"{len(report.unmatched)} keys skipped, e.g. {', '.join(list(report.unmatched)[:3])}")
+
+
+# --------------------------------------------------------------------------- the seed's files
+OFFICIAL_NAME = re.compile(r"Wan2\.2-Fun-A14B-InP-(high|low)-noise-(HPS2\.1|MPS)\.safetensors$", re.I)
+OFFICIAL_RANK, OFFICIAL_ALPHA = 128, 64.0
+
+
+def official_reward_lora(file_name: str) -> tuple[str, str] | None:
+    """("high"|"low", "HPS2.1"|"MPS") for one of the seed's four files, else None."""
+    match = OFFICIAL_NAME.search(file_name)
+    return None if match is None else (match.group(1).lower(), match.group(2).upper())
+
+
+def _reward_of(lora: LoadedLora) -> str | None:
+    official = official_reward_lora(lora.path.name)
+    if official:
+        return official[1]
+    for key, value in lora.metadata.items():
+        if "reward" in key.lower():
+            for reward in ("HPS", "MPS"):
+                if reward in value.upper():
+                    return reward
+    return "MPS" if re.search(r"(?<![A-Za-z])MPS(?![A-Za-z])", lora.path.name) else None
+
+
+def _seed_advice(lora: LoadedLora, report: LoadReport, expert: str | None) -> None:
+    official = official_reward_lora(lora.path.name)
+    if official:
+        report.notes.append(f"official Wan2.2-Fun reward LoRA: {official[0]}-noise expert, reward "
+                            f"{official[1]} (expected rank {OFFICIAL_RANK}, alpha {OFFICIAL_ALPHA:g})")
+        if report.ranks and (set(report.ranks) != {OFFICIAL_RANK}
+                             or {a for a in report.alphas} != {OFFICIAL_ALPHA}):
+            report.warnings.append(
+                f"{lora.path.name} should have rank {OFFICIAL_RANK} and alpha {OFFICIAL_ALPHA:g}; "
+                f"it has rank {sorted(set(report.ranks))} and alpha {sorted({str(a) for a in report.alphas})}: "
+                "it may be another file under the official name")
+    marked = expert_of(lora.path.name)
+    if expert and marked and marked != expert:
+        report.warnings.append(f"{lora.path.name} is named for the {marked}-noise expert but is loaded "
+                               f"on the {expert}-noise model")
+    reward = _reward_of(lora)
+    if expert == "low" and reward and reward.startswith("MPS"):
+        report.warnings.append(
+            "MPS reward LoRA on the low-noise expert: the seed reports that it converges slowly and may "
+            "disappoint; the low-noise HPS2.1 LoRA is recommended there.")
+
+
+def check_strength(value, name: str = "strength", limit: float = STRENGTH_LIMIT) -> float:
+    """The strength as a float, or LoraInputError naming the input and the value."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LoraInputError(f"{name} = {value!r} is not a number") from None
+    if not math.isfinite(number) or abs(number) > limit:
+        raise LoraInputError(
+            f"{name} = {value} is out of range: use a value between {-limit:g} and {limit:g} "
+            "(0 turns the LoRA off; 0.5-0.7 is the usual start for the official reward LoRAs)")
+    return number

@@ -1,0 +1,55 @@
+"""Which expert a LoRA file name marks, and its partner file for the other expert.
+
+Markers: ``high_noise`` / ``high-noise`` in any case, and ``high`` as a separate
+word (``_HIGH.``, ``-high-``; not ``highres``), with the ``low`` equivalents.
+The partner swaps every marker, keeping its case. ``web/dual_lora_loader.js``
+implements the same rule for the node's dropdowns; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_MARKER = re.compile(r"(high|low)(?=[_-]noise)|(?<![a-z])(high|low)(?![a-z])", re.IGNORECASE)
+_SWAP = {"high": "low", "low": "high"}
+
+
+def _same_case(word: str, like: str) -> str:
+    if like.isupper():
+        return word.upper()
+    if like[:1].isupper():
+        return word.capitalize()
+    return word
+
+
+def expert_of(name: str) -> str | None:
+    """"high", "low" or None (no marker, or both kinds in the file name)."""
+    kinds = {m.group(0).lower() for m in _MARKER.finditer(_basename(name))}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def swap_markers(name: str) -> str:
+    return _MARKER.sub(lambda m: _same_case(_SWAP[m.group(0).lower()], m.group(0)), name)
+
+
+def partner_name(name: str, available: Iterable[str]) -> str | None:
+    """The other expert's file among ``available``, or None.
+
+    Tries the whole relative path swapped first (``high/x_high.safetensors`` ->
+    ``low/x_low.safetensors``), then only the file name.
+    """
+    if not name or expert_of(name) is None:
+        return None
+    available = set(available)
+    whole = swap_markers(name)
+    folder, sep, base = name.replace("\\", "/").rpartition("/")
+    base_only = folder + sep + swap_markers(base)
+    for candidate in (whole, base_only):
+        if candidate != name and candidate in available:
+            return candidate
+    return None
+
+
+def _basename(name: str) -> str:
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
