@@ -1,0 +1,135 @@
+"""Bad input to the reward models gets a clear error naming the value."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from training.rewards import load_reward_model, motion_score
+from training.rewards.tiny import tiny_hps_state_dict, tiny_mps_state_dict, write_tiny_hps_checkpoint
+from training.safe_io import UserFileError, save_safetensors, torch_save
+
+
+@pytest.fixture(scope="module")
+def hps(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hps") / "HPS_v2.1_compressed.pt"
+    write_tiny_hps_checkpoint(path)
+    return load_reward_model(path)
+
+
+def test_missing_checkpoint_says_where_and_what(tmp_path):
+    with pytest.raises(UserFileError) as info:
+        load_reward_model(tmp_path / "nope.pt")
+    message = str(info.value)
+    assert "nope.pt" in message and "reward_models" in message
+    assert "HPS_v2.1_compressed.pt" in message and "xswu/HPSv2" in message and "MPS" in message
+
+
+def test_neither_hps_nor_mps_names_what_it_found(tmp_path):
+    path = save_safetensors({"blocks.0.self_attn.q.weight": torch.zeros(4, 4)}, tmp_path / "wan.safetensors")
+    with pytest.raises(UserFileError, match=r"not an HPS v2.1 .* nor an MPS.*blocks\.0\.self_attn\.q\.weight"):
+        load_reward_model(path)
+
+
+def test_hf_clip_without_cross_model_is_explained(tmp_path):
+    state = {k[len("model."):]: v for k, v in tiny_mps_state_dict().items() if k.startswith("model.")}
+    path = save_safetensors(state, tmp_path / "clip.safetensors")
+    with pytest.raises(UserFileError, match="transformers CLIPModel without the MPS cross model"):
+        load_reward_model(path)
+
+
+def test_missing_key_is_named(tmp_path):
+    state = tiny_hps_state_dict()
+    del state["visual.ln_post.weight"]
+    path = save_safetensors(state, tmp_path / "hps.safetensors")
+    with pytest.raises(UserFileError, match=r"1 missing keys .*visual\.ln_post\.weight"):
+        load_reward_model(path)
+
+
+def test_unexpected_key_is_named(tmp_path):
+    state = tiny_mps_state_dict()
+    state["cross_model.extra.weight"] = torch.zeros(2)
+    path = save_safetensors(state, tmp_path / "mps.safetensors")
+    with pytest.raises(UserFileError, match=r"1 unexpected keys .*cross_model\.extra\.weight"):
+        load_reward_model(path)
+
+
+def test_inconsistent_shapes_are_reported(tmp_path):
+    state = tiny_hps_state_dict()
+    state["visual.proj"] = torch.zeros(3, 3)
+    path = save_safetensors(state, tmp_path / "hps.safetensors")
+    with pytest.raises(UserFileError, match="HPS key names but inconsistent shapes"):
+        load_reward_model(path)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": Evil()}, handle)
+    with pytest.raises(UserFileError, match="never runs pickled code"):
+        load_reward_model(path)
+
+
+def test_non_tensor_entries_are_refused(tmp_path):
+    path = torch_save({"state_dict": {"a": torch.zeros(1), "b": "text"}}, tmp_path / "x.pt")
+    with pytest.raises(UserFileError, match=r"not a plain state dict: entries \['b'\]"):
+        load_reward_model(path)
+
+
+def test_variant_applies_to_mps_only(tmp_path):
+    path = write_tiny_hps_checkpoint(tmp_path / "hps.pt")
+    with pytest.raises(ValueError, match="variant 'seed' applies to MPS only"):
+        load_reward_model(path, variant="seed")
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(hps, prompt):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        hps.score(torch.rand(1, 3, 64, 64), [prompt])
+
+
+def test_prompt_count_mismatch(hps):
+    with pytest.raises(ValueError, match="got 2 prompts for 3 frames"):
+        hps.score(torch.rand(3, 3, 64, 64), ["a", "b"])
+
+
+def test_zero_frames(hps):
+    with pytest.raises(ValueError, match=r"empty \(0 frames\)"):
+        hps.score(torch.rand(0, 3, 64, 64), [])
+    with pytest.raises(ValueError, match=r"empty \(0 frames\)"):
+        motion_score(torch.rand(0, 3, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (3, 64, 64), (1, 4, 64, 64)])
+def test_wrong_shape(hps, shape):
+    with pytest.raises(ValueError, match=r"shape \[B, 3, H, W\].*" + str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")):
+        hps.score(torch.rand(shape), ["a cat"])
+
+
+def test_wrong_range_and_dtype(hps):
+    with pytest.raises(ValueError, match=r"\[0, 1\], got values in \[-1"):
+        hps.score(torch.rand(1, 3, 32, 32) * 2 - 1.5, ["a cat"])
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        hps.score(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), ["a cat"])
+    with pytest.raises(ValueError, match="NaN"):
+        hps.score(torch.full((1, 3, 32, 32), float("nan")), ["a cat"])
+
+
+def test_bad_preprocess_mode(hps):
+    with pytest.raises(ValueError, match="preprocess must be one of .*'crop'"):
+        hps.score(torch.rand(1, 3, 32, 32), ["a cat"], preprocess="crop")
+
+
+def test_motion_score_measures_change():
+    still = torch.rand(1, 3, 16, 16).repeat(4, 1, 1, 1)
+    assert motion_score(still) == 0.0
+    assert motion_score(still[:1]) == 0.0
+    moving = still.clone()
+    moving[2:] = 1 - moving[2:]
+    assert motion_score(moving) > 5.0
