@@ -120,7 +120,10 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with open(path, "rb") as handle:
             head = handle.read(2)
         if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip or pickle under another name
-            return _read_pickle(path), {}
+            raise LoraInputError(
+                f"LoRA file {path.name} is a PyTorch (pickle) file, not safetensors: rename it to "
+                f"{path.stem}.pt (it is then loaded with weights_only=True) or convert it to safetensors"
+            ) from exc
         size = path.stat().st_size
         raise LoraInputError(
             f"LoRA file {path.name} is not a valid safetensors file ({size} bytes; "
@@ -377,6 +380,37 @@ def _judge(lora: LoadedLora, report: LoadReport) -> None:
         report.warnings.append(
             f"partial match: {len(report.matched)} of {report.modules_in_file} modules loaded, "
             f"{len(report.unmatched)} keys skipped, e.g. {', '.join(list(report.unmatched)[:3])}")
+
+
+def merged_weights(state_dict: Mapping[str, torch.Tensor], lora: LoadedLora, strength: float,
+                   modules: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The changed tensors of ``state_dict`` with the LoRA merged, in float32.
+
+    ``W + strength * alpha/rank * up @ down`` (scale 1 without alpha) and
+    ``+ strength * diff``, the rule ComfyUI applies lazily; used for checks and
+    exports. Keys are those of ``state_dict`` (with or without ``diffusion_model.``).
+    """
+    by_native = {k[len(CANONICAL_PREFIX):] if k.startswith(CANONICAL_PREFIX) else k: k for k in state_dict}
+    out: dict[str, torch.Tensor] = {}
+    for native in (lora.modules if modules is None else modules):
+        parts = lora.modules[native]
+        name = by_native.get(f"{native}.weight") or by_native.get(native)
+        if name is None:
+            continue
+        weight = out.get(name, state_dict[name].float())
+        if UP in parts and DOWN in parts:
+            up, down = lora.tensors[parts[UP]].float(), lora.tensors[parts[DOWN]].float()
+            alpha = lora.tensors.get(parts.get(ALPHA, ""))
+            scale = 1.0 if alpha is None else float(alpha.float().item()) / down.shape[0]
+            delta = up.flatten(1) @ down.flatten(1)
+            weight = weight + strength * scale * delta.reshape(weight.shape)
+        if "diff" in parts:
+            weight = weight + strength * lora.tensors[parts["diff"]].float()
+        out[name] = weight
+        bias = by_native.get(f"{native}.bias")
+        if "diff_b" in parts and bias is not None:
+            out[bias] = state_dict[bias].float() + strength * lora.tensors[parts["diff_b"]].float()
+    return out
 
 
 # --------------------------------------------------------------------------- the seed's files
