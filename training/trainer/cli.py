@@ -1,0 +1,59 @@
+"""Command line entry of the trainer: ``--config run.yaml [--check-only]``.
+
+Exit codes and the progress stream are defined in ``progress.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from .config import ConfigError, load_config
+from .progress import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREFLIGHT, Progress
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train_reward_lora", description="Train a Wan2.2 reward LoRA.")
+    parser.add_argument("--config", required=True, help="run config YAML (schema: training/trainer/config.py)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="validate the config and the environment, load nothing, exit")
+    args = parser.parse_args(argv)
+    progress = Progress(None, main_process=_is_main_process())
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        progress.emit("error", kind="config", field=exc.field, message=str(exc))
+        return EXIT_CONFIG
+    progress = Progress(cfg.output_dir, main_process=_is_main_process())
+    from .preflight import PreflightError, check_environment
+
+    try:
+        if cfg.preflight:
+            check_environment(cfg)
+    except PreflightError as exc:
+        progress.emit("error", kind="preflight", field=None, message=str(exc))
+        return EXIT_PREFLIGHT
+    if args.check_only:
+        progress.emit("checked", config_hash=cfg.config_hash())
+        return EXIT_OK
+    try:
+        from .loop import train
+
+        return train(cfg, progress)
+    except ConfigError as exc:  # late checks that need the files (prompts vs embeddings, ...)
+        progress.emit("error", kind="config", field=exc.field, message=str(exc))
+        return EXIT_CONFIG
+    except Exception as exc:  # report, then a non-zero exit; the traceback goes to stderr
+        traceback.print_exc()
+        progress.emit("error", kind="runtime", field=None, message=f"{type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Progress stream, exit codes and run control (stop / save-now / sample-now).
+
+Progress: one JSON object per line on stdout, written by the main process only, each
+starting with ``{"event": "<name>"`` (other libraries may print other lines: skip
+lines that do not parse as JSON objects with an "event" key). Every event is also
+appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`` and
+``time``, a Unix timestamp):
+
+  started     step (first step to run, > 0 on resume), max_steps, expert, world_size,
+              output_dir, lora_path, config_hash, resumed_from (checkpoint dir or null)
+  step        step (1-based, completed optimizer steps), max_steps, loss, reward (weighted
+              mean of the training rewards), rewards {name: mean}, lr, grad_norm (before
+              clipping, null if unknown), seconds (this step), peak_memory_mb, eta_seconds
+  checkpoint  step, path (checkpoint folder), lora_path, reason (periodic|stop|save_now|final)
+  validation  step, rewards {name: mean over validation prompts}, held_out {name: mean},
+              motion, best (bool: new best held-out score), best_lora_path
+  sample      step, paths (PNG files of the decoded training frames)
+  warning     step, message (e.g. reward gaming suspected)
+  finished    step, reason (completed|stopped|gaming_guard), lora_path, best_lora_path
+              (or null), ema_lora_path (or null)
+  error       message, kind (config|preflight|runtime), field (config field or null)
+
+Control: create an empty file named ``STOP``, ``SAVE_NOW`` or ``SAMPLE_NOW`` in the output
+folder. The trainer checks between steps, deletes the file and acts: STOP saves a
+checkpoint and the LoRA, then exits with code 0 and ``finished`` reason "stopped";
+SAVE_NOW saves both and continues; SAMPLE_NOW writes the next step's frames. SIGTERM and
+SIGINT act like STOP (a second signal aborts at once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+# exit codes
+EXIT_OK = 0  # completed, or stopped on request / by the gaming guard after saving
+EXIT_ERROR = 1  # unexpected failure (an "error" event says what)
+EXIT_CONFIG = 2  # the config is invalid (error.kind "config", error.field names the field)
+EXIT_PREFLIGHT = 3  # the machine cannot run this preset (error.kind "preflight")
+
+STOP_FILE = "STOP"
+SAVE_NOW_FILE = "SAVE_NOW"
+SAMPLE_NOW_FILE = "SAMPLE_NOW"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Progress:
+    """Writes events to stdout and metrics.jsonl (main process only)."""
+
+    def __init__(self, output_dir: str | os.PathLike | None, main_process: bool = True, stream=None):
+        self.main = main_process
+        self.stream = stream or sys.stdout
+        self.metrics = Path(output_dir) / METRICS_FILE if output_dir else None
+
+    def emit(self, event: str, **fields) -> dict:
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        if not self.main:
+            return record
+        line = json.dumps(record, default=_jsonable)
+        print(line, file=self.stream, flush=True)
+        if self.metrics is not None:
+            self.metrics.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        return record
+
+
+def _jsonable(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def parse_events(text: str) -> list[dict]:
+    """The progress events in a stdout capture (what the node does line by line)."""
+    events = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            events.append(record)
+    return events
+
+
+class Control:
+    """Stop / save-now / sample-now requests from flag files and SIGTERM/SIGINT."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.dir = Path(output_dir)
+        self.signalled = False
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.signalled:  # second signal: give up at once
+                raise KeyboardInterrupt
+            self.signalled = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def clear_stale(self) -> None:
+        """Remove flags left from an earlier run (a STOP would end the new run at once)."""
+        for name in (STOP_FILE, SAVE_NOW_FILE, SAMPLE_NOW_FILE):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def poll(self) -> dict[str, bool]:
+        """Requests seen since the last poll; flag files are consumed."""
+        requests = {"stop": self.signalled, "save_now": False, "sample_now": False}
+        for key, name in (("stop", STOP_FILE), ("save_now", SAVE_NOW_FILE), ("sample_now", SAMPLE_NOW_FILE)):
+            path = self.dir / name
+            if path.exists():
+                requests[key] = True
+                path.unlink(missing_ok=True)
+        return requests
