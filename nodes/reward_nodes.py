@@ -1,0 +1,196 @@
+"""Reward nodes: Load Reward Model, Score Frames, Pick Best by Reward (adapters over training.rewards)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..training.rewards import load_reward_model
+from ..training.rewards.preprocess import PREPROCESS_MODES
+from ..training.rewards.registry import EXPECTED_FILES
+from ..training.rewards.report import (FRAME_SELECTIONS, pick_best, pick_text, plot_scores, report_json,
+                                       report_text, score_report)
+from .folders import REWARD_MODELS
+
+RewardModelType = io.Custom("WAN_REWARD_MODEL")
+CATEGORY = "Wan Reward LoRA/reward"
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MPS_VARIANTS = ("official", "seed")
+_CACHE: "OrderedDict[tuple, object]" = OrderedDict()  # V3 nodes have no instance state
+_CACHE_SIZE = 2
+MAX_CANDIDATES = 8
+
+
+def _devices() -> list[str]:
+    options = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        options += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return options
+
+
+def _resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        import comfy.model_management as mm
+
+        return mm.get_torch_device()
+    return torch.device(choice)
+
+
+def _resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if DTYPES.get(choice) is not None:
+        return DTYPES[choice]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_cached(path: str, device: torch.device, dtype: torch.dtype, variant: str):
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(device), str(dtype), variant)
+    if key not in _CACHE:
+        model = load_reward_model(path, device=device, dtype=dtype, variant=variant)
+        if model.name != "mps":
+            model.variant = None
+        _CACHE[key] = model
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
+
+
+def _image_to_frames(images: torch.Tensor, what: str = "images") -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] -> [B, 3, H, W] (alpha dropped)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"{what} must be an IMAGE batch [B, H, W, C], got {getattr(images, 'shape', type(images))}")
+    return images[..., :3].permute(0, 3, 1, 2)
+
+
+def _frame_inputs() -> list:
+    return [
+        io.Combo.Input("frames", options=list(FRAME_SELECTIONS), default="all",
+                       tooltip="which frames to score: all, the first, every Nth, or N evenly spaced"),
+        io.Int.Input("n", default=4, min=1, max=10000, tooltip="N for every_nth / evenly_spaced"),
+        io.Combo.Input("preprocess", options=list(PREPROCESS_MODES), default="reference",
+                       tooltip="reference: the model's published pipeline (HPS: long side + pad; MPS: short side "
+                               "+ centre crop). squash: stretch to 224x224 as the seed's training does"),
+        io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="frames per forward pass"),
+    ]
+
+
+class WanRewardLoadRewardModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="WanRewardLoadRewardModel", display_name="Load Reward Model", category=CATEGORY,
+            description="Load HPS v2.1 or MPS from models/reward_models (detected from the file's keys).",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list(REWARD_MODELS),
+                               tooltip="a file in ComfyUI/models/reward_models: HPS_v2.1_compressed.pt or an MPS "
+                                       "state-dict conversion"),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="auto: bf16/fp16 on GPU, fp32 on CPU"),
+                io.Combo.Input("device", options=_devices(), default="auto"),
+                io.Combo.Input("mps_variant", options=list(MPS_VARIANTS), default="official",
+                               tooltip="MPS only. official: single-image scorer (threshold 0.3, ~100*cos). "
+                                       "seed: the seed's training reward (threshold 0.01, cosine)"),
+            ],
+            outputs=[RewardModelType.Output(display_name="reward_model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name, dtype, device, mps_variant) -> io.NodeOutput:
+        path = folder_paths.get_full_path(REWARD_MODELS, model_name)
+        if path is None:
+            raise FileNotFoundError(f"reward model {model_name!r} is not in the reward_models folder.\n{EXPECTED_FILES}")
+        torch_device = _resolve_device(device)
+        model = load_cached(path, torch_device, _resolve_dtype(dtype, torch_device), mps_variant)
+        detail = f" ({model.variant})" if model.name == "mps" else ""
+        return io.NodeOutput(model, ui=ui.PreviewText(f"{model.name}{detail} from {model_name} "
+                                                      f"on {torch_device}, {str(model.dtype).replace('torch.', '')}"))
+
+
+class WanRewardScoreFrames(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="WanRewardScoreFrames", display_name="Score Frames", category=CATEGORY,
+            description="Score decoded frames with a reward model; shows per-frame scores and the motion score.",
+            inputs=[
+                RewardModelType.Input("reward_model"),
+                io.Image.Input("images", tooltip="decoded frames (an IMAGE batch)"),
+                io.String.Input("prompt", multiline=True, default=""),
+                *_frame_inputs(),
+            ],
+            outputs=[
+                io.Float.Output(display_name="mean_score"),
+                io.String.Output(display_name="scores_json"),
+                io.Image.Output(display_name="plot"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, reward_model, images, prompt, frames, n, preprocess, batch_size) -> io.NodeOutput:
+        report = score_report(reward_model, _image_to_frames(images), prompt, frames, n, batch_size, preprocess)
+        plot = plot_scores(report)
+        return io.NodeOutput(report["mean"], report_json(report), plot,
+                             ui={"text": (report_text(report),), **ui.PreviewImage(plot, cls=cls).as_dict()})
+
+
+class WanRewardPickBest(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        candidates = [io.Image.Input(f"candidate_{i}", optional=i > 2, tooltip="a frame batch (e.g. one seed)")
+                      for i in range(1, MAX_CANDIDATES + 1)]
+        return io.Schema(
+            node_id="WanRewardPickBest", display_name="Pick Best by Reward", category=CATEGORY,
+            description="Best-of-N: score candidate frame batches by mean reward; output the best, the top k "
+                        "above a threshold, and the rest.",
+            inputs=[
+                RewardModelType.Input("reward_model"),
+                io.String.Input("prompt", multiline=True, default=""),
+                *candidates,
+                *_frame_inputs(),
+                io.Int.Input("top_k", default=1, min=1, max=MAX_CANDIDATES),
+                io.Float.Input("threshold", default=-1000.0, min=-1000.0, max=1000.0, step=0.001,
+                               tooltip="keep only candidates whose mean score is at least this"),
+            ],
+            outputs=[
+                io.Image.Output(display_name="best"),
+                io.Int.Output(display_name="best_index"),
+                io.Float.Output(display_name="best_score"),
+                io.Image.Output(display_name="top_k"),
+                io.Image.Output(display_name="rejected"),
+                io.String.Output(display_name="report_json"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, reward_model, prompt, frames, n, preprocess, batch_size, top_k, threshold,
+                **candidates) -> io.NodeOutput:
+        batches = [candidates[f"candidate_{i}"] for i in range(1, MAX_CANDIDATES + 1)
+                   if candidates.get(f"candidate_{i}") is not None]
+        reports = [score_report(reward_model, _image_to_frames(b, f"candidate {i + 1}"), prompt, frames, n,
+                                batch_size, preprocess) for i, b in enumerate(batches)]
+        pick = pick_best(reports, top_k, threshold if threshold > -1000.0 else -math.inf)
+        best = batches[pick["best"]]
+
+        def join(indices):
+            same = [batches[i] for i in indices if batches[i].shape[1:] == best.shape[1:]]
+            return torch.cat(same) if same else best[:0]
+
+        text = pick_text(pick, reports)
+        report = {"pick": pick, "candidates": reports}
+        import json
+
+        return io.NodeOutput(best, pick["best"] + 1, pick["best_score"], join(pick["kept"]),
+                             join(pick["rejected"]), json.dumps(report, indent=1), ui=ui.PreviewText(text))
+
+
+NODES = [WanRewardLoadRewardModel, WanRewardScoreFrames, WanRewardPickBest]

@@ -1,0 +1,106 @@
+"""Reward nodes inside a real ComfyUI: LoadImage -> Score Frames with a tiny HPS checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.rewards import load_reward_model, motion_score
+from training.rewards.tiny import write_tiny_hps_checkpoint
+
+pytestmark = pytest.mark.comfyui
+PROMPT = "a red fox in the snow"
+
+
+@pytest.fixture(scope="module")
+def setup(comfyui):
+    checkpoint = comfyui.model_path("reward_models", "tiny/HPS_v2.1_tiny.pt")
+    write_tiny_hps_checkpoint(checkpoint, seed=4)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in range(2):
+        array = rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)
+        Image.fromarray(array).save(comfyui.input / f"reward_frame_{i}.png")
+        arrays.append(array)
+    frames = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    expected = load_reward_model(checkpoint).score(frames, [PROMPT] * 2)
+    return frames, expected.tolist()
+
+
+def _score_prompt(selection="all", model_name="tiny/HPS_v2.1_tiny.pt"):
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_0.png"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_1.png"}},
+        "3": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
+        "4": {"class_type": "WanRewardLoadRewardModel",
+              "inputs": {"model_name": model_name, "dtype": "float32", "device": "cpu", "mps_variant": "official"}},
+        "5": {"class_type": "WanRewardScoreFrames",
+              "inputs": {"reward_model": ["4", 0], "images": ["3", 0], "prompt": PROMPT, "frames": selection,
+                         "n": 2, "preprocess": "reference", "batch_size": 8}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}},
+    }
+
+
+def test_nodes_are_registered(comfyui, setup):
+    info = comfyui.object_info()
+    for node in ("WanRewardLoadRewardModel", "WanRewardScoreFrames", "WanRewardPickBest"):
+        assert node in info, node
+    options = info["WanRewardLoadRewardModel"]["input"]["required"]["model_name"]
+    assert "tiny/HPS_v2.1_tiny.pt" in json.dumps(options)
+    assert info["WanRewardScoreFrames"]["output"] == ["FLOAT", "STRING", "IMAGE"]
+
+
+def test_score_frames_returns_per_frame_scores_and_plot(comfyui, setup):
+    frames, expected = setup
+    outputs = comfyui.run(_score_prompt())
+    report = json.loads(outputs["6"]["text"][0])
+    assert report["model"] == "hps_v2.1" and report["frames"] == [0, 1]
+    assert np.allclose(report["scores"], expected, atol=1e-5)
+    assert abs(float(outputs["7"]["text"][0]) - np.mean(expected)) < 1e-5
+    assert abs(report["motion"] - motion_score(frames)) < 1e-4 and report["motion"] > 1
+    node_text = outputs["5"]["text"][0]
+    assert "hps_v2.1" in node_text and "motion" in node_text
+    plot = outputs["5"]["images"][0]
+    from pathlib import Path
+
+    path = Path(comfyui.base) / plot["type"] / plot.get("subfolder", "") / plot["filename"]
+    with Image.open(path) as image:
+        assert image.size == (512, 288)
+
+
+def test_first_frame_only(comfyui, setup):
+    _, expected = setup
+    report = json.loads(comfyui.run(_score_prompt("first"))["6"]["text"][0])
+    assert report["frames"] == [0] and np.allclose(report["scores"], expected[:1], atol=1e-5)
+
+
+def test_pick_best(comfyui, setup):
+    _, expected = setup
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_0.png"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_1.png"}},
+        "4": {"class_type": "WanRewardLoadRewardModel",
+              "inputs": {"model_name": "tiny/HPS_v2.1_tiny.pt", "dtype": "float32", "device": "cpu",
+                         "mps_variant": "official"}},
+        "5": {"class_type": "WanRewardPickBest",
+              "inputs": {"reward_model": ["4", 0], "prompt": PROMPT, "candidate_1": ["1", 0], "candidate_2": ["2", 0],
+                         "frames": "all", "n": 1, "preprocess": "reference", "batch_size": 4, "top_k": 1,
+                         "threshold": -1000.0}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+    }
+    outputs = comfyui.run(prompt)
+    assert int(outputs["6"]["text"][0]) == int(np.argmax(expected)) + 1
+    assert "best: candidate" in outputs["5"]["text"][0]
+
+
+def test_wrong_file_error_reaches_the_ui(comfyui):
+    from safetensors.torch import save_file
+
+    save_file({"blocks.0.weight": torch.zeros(2)}, comfyui.model_path("reward_models", "not_a_reward.safetensors"))
+    message = comfyui.run_expecting_error(_score_prompt(model_name="not_a_reward.safetensors"))
+    assert "not an HPS v2.1" in message and "blocks.0.weight" in message

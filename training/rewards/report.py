@@ -1,0 +1,129 @@
+"""Frame selection, batched no-grad scoring, best-of-N picking and a score plot (PIL, no matplotlib).
+
+What the ComfyUI nodes call; kept here so it runs and is tested without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from .base import RewardModel
+from .motion import motion_score
+
+FRAME_SELECTIONS = ("all", "first", "every_nth", "evenly_spaced")
+
+
+def select_frames(count: int, selection: str, n: int = 1) -> list[int]:
+    """Indices of the frames to score: all, first, every Nth (0, N, 2N, ...), or N evenly spaced."""
+    if count <= 0:
+        raise ValueError("no frames to score (the IMAGE batch is empty)")
+    if selection == "all":
+        return list(range(count))
+    if selection == "first":
+        return [0]
+    if n < 1:
+        raise ValueError(f"n must be >= 1 for frame selection {selection!r}, got {n}")
+    if selection == "every_nth":
+        return list(range(0, count, n))
+    if selection == "evenly_spaced":
+        if n == 1:
+            return [0]
+        n = min(n, count)
+        return sorted({round(i * (count - 1) / (n - 1)) for i in range(n)})
+    raise ValueError(f"frame selection must be one of {FRAME_SELECTIONS}, got {selection!r}")
+
+
+def score_frames(model: RewardModel, frames: torch.Tensor, prompt: str, batch_size: int = 8,
+                 preprocess: str | None = None) -> list[float]:
+    """Scores of each frame [T, 3, H, W] against one prompt, in chunks, without gradients."""
+    scores = []
+    with torch.no_grad():
+        for start in range(0, frames.shape[0], max(1, batch_size)):
+            chunk = frames[start:start + batch_size]
+            scores.extend(model.score(chunk, [prompt] * chunk.shape[0], preprocess=preprocess).tolist())
+    return scores
+
+
+def score_report(model: RewardModel, frames: torch.Tensor, prompt: str, selection: str = "all", n: int = 4,
+                 batch_size: int = 8, preprocess: str | None = None) -> dict:
+    """Scores of the selected frames, their mean, and the motion of the whole clip."""
+    indices = select_frames(frames.shape[0], selection, n)
+    scores = score_frames(model, frames[indices], prompt, batch_size, preprocess)
+    return {
+        "model": model.name, "variant": getattr(model, "variant", None),
+        "preprocess": preprocess or model.preprocess, "prompt": prompt,
+        "frames": indices, "scores": scores, "mean": float(np.mean(scores)),
+        "motion": motion_score(frames), "frame_count": int(frames.shape[0]),
+    }
+
+
+def report_text(report: dict) -> str:
+    scores = report["scores"]
+    return (f"{report['model']}: mean {report['mean']:.4f} over {len(scores)} of {report['frame_count']} frames "
+            f"(min {min(scores):.4f}, max {max(scores):.4f}); motion {report['motion']:.2f}\n"
+            + ", ".join(f"#{i}: {s:.4f}" for i, s in zip(report["frames"], scores)))
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=1)
+
+
+def pick_best(reports: list[dict], top_k: int = 1, threshold: float = -math.inf) -> dict:
+    """Rank candidates by mean score: best index, the top-k at or above ``threshold``, the rest."""
+    if not reports:
+        raise ValueError("no candidates to pick from")
+    order = sorted(range(len(reports)), key=lambda i: reports[i]["mean"], reverse=True)
+    kept = [i for i in order[:max(1, top_k)] if reports[i]["mean"] >= threshold]
+    return {"best": order[0], "best_score": reports[order[0]]["mean"], "ranking": order, "kept": kept,
+            "rejected": [i for i in order if i not in kept]}
+
+
+def pick_text(pick: dict, reports: list[dict]) -> str:
+    lines = [f"best: candidate {pick['best'] + 1} ({pick['best_score']:.4f}); kept {[i + 1 for i in pick['kept']]}"]
+    for rank, i in enumerate(pick["ranking"], 1):
+        lines.append(f"{rank}. candidate {i + 1}: {reports[i]['model']} {reports[i]['mean']:.4f}, "
+                     f"motion {reports[i]['motion']:.2f}")
+    return "\n".join(lines)
+
+
+def plot_scores(report: dict, width: int = 512, height: int = 288) -> torch.Tensor:
+    """A line plot of score per frame (with mean line and motion in the title): [1, H, W, 3] in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 64, width - 16, 32, height - 32
+    xs, ys = report["frames"], report["scores"]
+    low, high = min(ys), max(ys)
+    if high - low < 1e-9:
+        low, high = low - 0.5 * max(abs(low), 1e-3), high + 0.5 * max(abs(high), 1e-3)
+    span_x = max(xs[-1] - xs[0], 1)
+
+    def point(x, y):
+        return (left + (x - xs[0]) / span_x * (right - left) if len(xs) > 1 else (left + right) / 2,
+                bottom - (y - low) / (high - low) * (bottom - top))
+
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    for value in (low, (low + high) / 2, high):
+        y = point(xs[0], value)[1]
+        draw.line((left - 4, y, left, y), fill=(0, 0, 0))
+        draw.text((4, y - 6), f"{value:.4g}", fill=(0, 0, 0))
+    for x in sorted({xs[0], xs[-1], xs[len(xs) // 2]}):
+        px = point(x, low)[0]
+        draw.line((px, bottom, px, bottom + 4), fill=(0, 0, 0))
+        draw.text((px - 6, bottom + 6), str(x), fill=(0, 0, 0))
+    mean_y = point(xs[0], report["mean"])[1]
+    draw.line((left, mean_y, right, mean_y), fill=(200, 120, 0))
+    points = [point(x, y) for x, y in zip(xs, ys)]
+    if len(points) > 1:
+        draw.line(points, fill=(30, 90, 200), width=2)
+    for px, py in points:
+        draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=(30, 90, 200))
+    draw.text((left, 8), f"{report['model']} per frame  mean {report['mean']:.4f}  motion {report['motion']:.2f}",
+              fill=(0, 0, 0))
+    draw.text((left + 16, bottom + 6), "frame", fill=(120, 120, 120))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
