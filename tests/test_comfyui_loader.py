@@ -7,6 +7,8 @@ computed here.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,3 +144,37 @@ def test_strength_out_of_range_is_rejected_with_the_value(comfyui, setup):
     _probe(prompt, "10", ["3", 0], "never")
     with pytest.raises(AssertionError, match=r"strength_high = 25.0 is out of range"):
         comfyui.queue(prompt)
+
+
+def test_strength_change_reuses_the_read_file_until_it_changes(comfyui, setup):
+    """The module cache is keyed by path+mtime+size: a new strength does not re-read the file."""
+    experts, _ = setup
+    module = "blocks.0.cross_attn.v"
+    first = random_lora(experts["high"], [module], rank=4, alpha=4.0, seed=21)
+    second = random_lora(experts["high"], [module], rank=4, alpha=4.0, seed=22)
+    path = comfyui.model_path("loras", "cache_probe.safetensors")
+    save_file(_kohya(first), path)
+    stat = path.stat()
+
+    def patched(strength, name):
+        prompt = _graph("cache_probe.safetensors", strength, "None", 1.0)
+        _probe(prompt, "10", ["3", 0], name)
+        comfyui.run(prompt)
+        return load_file(comfyui.output / f"{name}.safetensors")[f"diffusion_model.{module}.weight"]
+
+    base = experts["high"][f"{module}.weight"]
+    assert torch.allclose(patched(0.5, "cache1"), expected_weight(base, *first[module], 0.5), atol=1e-6, rtol=0)
+    save_file(_kohya(second), path)  # same size; put the old mtime back: the cache cannot tell
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert torch.allclose(patched(0.25, "cache2"), expected_weight(base, *first[module], 0.25), atol=1e-6, rtol=0)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # now it is a new file
+    assert torch.allclose(patched(0.2, "cache3"), expected_weight(base, *second[module], 0.2), atol=1e-6, rtol=0)
+
+
+def test_frontend_extension_is_served(comfyui):
+    extensions = comfyui.get("/extensions").json()
+    served = [e for e in extensions if e.endswith("/dual_lora_loader.js")]
+    assert served, extensions
+    assert "registerExtension" in comfyui.get(served[0]).text
+    pairing = served[0].replace("dual_lora_loader.js", "lora_pairing.js")
+    assert "export function partnerName" in comfyui.get(pairing).text
