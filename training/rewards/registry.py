@@ -38,10 +38,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         data = load_torch_weights_only(path, "reward model checkpoint")
     except UserFileError as exc:
-        raise UserFileError(
-            f"{exc}\nIf this is the official MPS_overall_checkpoint.pth (a whole pickled module), convert it "
-            "without running its code: python -m training.rewards.convert_mps <file> <out.safetensors>"
-        ) from exc
+        # A whole pickled module (the official MPS file): rebuild only its tensors, run none of its code.
+        from .convert_mps import read_pickled_module
+
+        try:
+            data, _ = read_pickled_module(path)
+        except UserFileError:
+            raise UserFileError(
+                f"{exc}\nIt is not a pickled module whose weights can be read safely either."
+            ) from exc
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
