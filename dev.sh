@@ -28,6 +28,9 @@ case "${1:-}" in
     ;;
   test)
     setup
+    # Reference implementations for the exactness tests: they pin old libraries, so no deps.
+    "$VENV/bin/python" -m pip install -q --no-deps -r tests/requirements-reference.txt
+    "$VENV/bin/python" -m pip install -q clint args
     shift
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
