@@ -1,0 +1,50 @@
+"""Frame selection, best-of-N picking and the score plot behind the reward nodes (no ComfyUI)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from training.rewards import load_reward_model
+from training.rewards.report import (pick_best, plot_scores, report_json, report_text, score_report,
+                                     select_frames)
+from training.rewards.tiny import write_tiny_hps_checkpoint
+
+
+@pytest.mark.parametrize("selection,n,expected", [
+    ("all", 1, list(range(10))), ("first", 5, [0]), ("every_nth", 3, [0, 3, 6, 9]),
+    ("evenly_spaced", 4, [0, 3, 6, 9]), ("evenly_spaced", 2, [0, 9]), ("evenly_spaced", 50, list(range(10))),
+])
+def test_select_frames(selection, n, expected):
+    assert select_frames(10, selection, n) == expected
+
+
+def test_select_frames_errors():
+    with pytest.raises(ValueError, match="IMAGE batch is empty"):
+        select_frames(0, "all")
+    with pytest.raises(ValueError, match="frame selection must be one of"):
+        select_frames(3, "last")
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        select_frames(3, "every_nth", 0)
+
+
+def test_score_report_plot_and_pick(tmp_path):
+    model = load_reward_model(write_tiny_hps_checkpoint(tmp_path / "hps.pt"))
+    frames = torch.rand(6, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    report = score_report(model, frames, "a cat", "every_nth", 2, batch_size=2)
+    assert report["frames"] == [0, 2, 4]
+    direct = model.score(frames[[0, 2, 4]], ["a cat"] * 3)
+    assert torch.allclose(torch.tensor(report["scores"]), direct, atol=1e-6)
+    assert math.isclose(report["mean"], float(direct.mean()), abs_tol=1e-6) and report["motion"] > 1
+    assert json.loads(report_json(report))["scores"] == report["scores"]
+    assert "motion" in report_text(report) and "#2:" in report_text(report)
+    plot = plot_scores(report)
+    assert plot.shape == (1, 288, 512, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
+    assert float((plot < 0.5).float().mean()) > 0.005  # something is drawn
+
+    reports = [dict(report, mean=m) for m in (0.1, 0.3, 0.2)]
+    pick = pick_best(reports, top_k=2, threshold=0.25)
+    assert pick["best"] == 1 and pick["ranking"] == [1, 2, 0] and pick["kept"] == [1] and pick["rejected"] == [2, 0]
