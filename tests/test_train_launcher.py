@@ -1,0 +1,202 @@
+"""training/trainer/launcher.py without ComfyUI: command/env, devices, stream, graceful stop, lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+
+from training.trainer import launcher
+from training.trainer.launcher import (DeviceChoice, DeviceLock, LaunchError, RunResult, TrainerProcess,
+                                       build_command, build_env, failure_message, group_members, parse_devices,
+                                       parse_event)
+
+# A fake trainer: prints progress events, starts a child "rank" in its group, and reacts to
+# STOP / SIGTERM according to MODE (obey | ignore_stop | ignore_all).
+FAKE_TRAINER = textwrap.dedent("""
+    import json, os, signal, subprocess, sys, time
+    out, mode = sys.argv[1], sys.argv[2]
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time\\n"
+                              + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n" if mode == "ignore_all" else "")
+                              + "time.sleep(600)"])
+    with open(os.path.join(out, "child.pid"), "w") as f:
+        f.write(str(child.pid))
+    if mode == "ignore_all":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("some library noise", flush=True)
+    print(json.dumps({"event": "started", "step": 0, "max_steps": 1000}), flush=True)
+    step = 0
+    while True:
+        step += 1
+        print(json.dumps({"event": "step", "step": step, "max_steps": 1000, "loss": 1.0 / step,
+                          "reward": 0.1 * step, "rewards": {"hps": 0.1 * step}, "eta_seconds": 5}), flush=True)
+        stop = os.path.join(out, "STOP")
+        if mode == "obey" and os.path.exists(stop):
+            os.unlink(stop)
+            print(json.dumps({"event": "finished", "step": step, "reason": "stopped", "lora_path": "x"}), flush=True)
+            child.terminate(); child.wait()
+            sys.exit(0)
+        time.sleep(0.05)
+""")
+
+
+@pytest.fixture
+def fake(tmp_path):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+
+    def start(mode: str) -> TrainerProcess:
+        out = tmp_path / f"out_{mode}"
+        out.mkdir()
+        proc = TrainerProcess([sys.executable, str(script), str(out), mode], build_env(DeviceChoice(1)), out)
+        proc.start()
+        deadline = time.monotonic() + 20
+        while not (out / "child.pid").exists() or not any(e["event"] == "step" for e in proc.events):
+            assert time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.05)
+        return proc
+
+    return start
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ---- devices -------------------------------------------------------------------------
+
+def test_parse_devices():
+    assert parse_devices("auto", 0) == DeviceChoice(1)
+    assert parse_devices("", 4) == DeviceChoice(4, ("0", "1", "2", "3"))
+    assert parse_devices("2", 4) == DeviceChoice(2, ("0", "1"))
+    assert parse_devices("1,3", 4) == DeviceChoice(2, ("1", "3"))
+    assert parse_devices("cpu:2", 8) == DeviceChoice(2)
+    assert parse_devices("cpu", 8) == DeviceChoice(1)
+    with pytest.raises(LaunchError, match="4 GPU\\(s\\) requested but only 2 GPU\\(s\\) are visible"):
+        parse_devices("4", 2)
+    with pytest.raises(LaunchError, match="GPU id\\(s\\) 5 not visible"):
+        parse_devices("0,5", 2)
+    for bad in ("two", "0,0", "cpu:x", "0"):
+        with pytest.raises(LaunchError):
+            parse_devices(bad, 2)
+
+
+def test_command_and_env(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cmd = build_command(cfg, DeviceChoice(2), preset="none", python="/py", port=29123)
+    assert cmd[:3] == ["/py", "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--main_process_port") + 1] == "29123"
+    assert cmd[-3:] == [str(launcher.ENTRY_SCRIPT), "--config", str(cfg)]
+    assert launcher.ENTRY_SCRIPT.is_file()
+    single = build_command(cfg, DeviceChoice(1, ("3",)), preset="none", python="/py")
+    assert "--multi_gpu" not in single and "--main_process_port" not in single
+    with pytest.raises(LaunchError, match="unknown"):
+        build_command(cfg, DeviceChoice(1), preset="zero9")
+    preset_file = launcher.CONFIGS_DIR / launcher.PRESETS["zero3_offload"]
+    if preset_file.is_file():
+        ds = build_command(cfg, DeviceChoice(2, ("0", "1")), preset="zero3_offload", python="/py")
+        assert ds[ds.index("--config_file") + 1] == str(preset_file) and "--multi_gpu" not in ds
+    else:
+        with pytest.raises(LaunchError, match="missing"):
+            build_command(cfg, DeviceChoice(1), preset="zero3_offload")
+    env = build_env(DeviceChoice(2, ("1", "3")), base={"RANK": "3", "PATH": "/bin"}, threads=1)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,3" and "RANK" not in env and env["OMP_NUM_THREADS"] == "1"
+    assert build_env(DeviceChoice(2), base={})["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_parse_event_skips_other_lines():
+    assert parse_event('{"event": "step", "step": 3}') == {"event": "step", "step": 3}
+    for line in ("[INFO] loading", "{not json", '{"no_event": 1}', "[1, 2]", ""):
+        assert parse_event(line) is None
+
+
+# ---- the process --------------------------------------------------------------------------
+
+def test_stream_and_graceful_stop(fake):
+    proc = fake("obey")
+    child = int((proc.output_dir / "child.pid").read_text())
+    first = proc.next_event(5)
+    assert first["event"] == "started"
+    t0 = time.monotonic()
+    code = proc.stop(grace_s=10, kill_s=5)
+    assert code == 0 and time.monotonic() - t0 < 8  # obeyed the STOP file, no signal needed
+    result = proc.result()
+    assert result.finished["reason"] == "stopped" and result.stopped
+    steps = [e["step"] for e in result.events if e["event"] == "step"]
+    assert steps == list(range(1, len(steps) + 1))
+    assert "some library noise" in result.log_tail
+    assert "some library noise" in proc.log_path.read_text()
+    assert not _alive(child) and not group_members(proc.pgid)
+
+
+def test_stop_terminates_group_when_stop_file_ignored(fake):
+    proc = fake("ignore_stop")
+    child = int((proc.output_dir / "child.pid").read_text())
+    t0 = time.monotonic()
+    code = proc.stop(grace_s=0.5, kill_s=5)
+    assert code == -signal.SIGTERM and time.monotonic() - t0 < 5
+    assert not _alive(child) and not group_members(proc.pgid)
+
+
+def test_stop_kills_group_that_ignores_sigterm(fake):
+    proc = fake("ignore_all")
+    child = int((proc.output_dir / "child.pid").read_text())
+    t0 = time.monotonic()
+    code = proc.stop(grace_s=0.3, kill_s=0.5)
+    assert code == -signal.SIGKILL and time.monotonic() - t0 < 8
+    assert not _alive(child) and not group_members(proc.pgid)
+
+
+# ---- lock and failure messages --------------------------------------------------------------
+
+def test_lock_refuses_second_run_on_same_devices(tmp_path):
+    first = DeviceLock(["gpu0", "gpu1"], owner="run A", folder=tmp_path).acquire()
+    with pytest.raises(LaunchError, match="GPU 1 is already training \\(run A pid"):
+        DeviceLock(["gpu1", "gpu2"], owner="run B", folder=tmp_path).acquire()
+    other = DeviceLock(["gpu2"], owner="run C", folder=tmp_path).acquire()  # disjoint: fine
+    other.release()
+    first.release()
+    with DeviceLock(["gpu1"], owner="run B", folder=tmp_path):
+        with pytest.raises(LaunchError, match="already training"):
+            DeviceLock(["gpu1"], folder=tmp_path).acquire()
+
+
+def test_lock_released_when_holder_dies(tmp_path):
+    import subprocess
+
+    code = (f"import sys; sys.path.insert(0, {str(launcher.TRAINING_DIR.parent)!r})\n"
+            "from training.trainer.launcher import DeviceLock\n"
+            f"lock = DeviceLock(['cpu'], folder=__import__('pathlib').Path({str(tmp_path)!r})).acquire()\n"
+            "print('held', flush=True); import time; time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LaunchError, match="CPU training slot is already training"):
+        DeviceLock(["cpu"], folder=tmp_path).acquire()
+    holder.kill()
+    holder.wait()
+    DeviceLock(["cpu"], folder=tmp_path).acquire().release()
+
+
+def test_failure_hints():
+    oom = RunResult(1, [{"event": "error", "kind": "runtime", "message": "OutOfMemoryError: CUDA out of memory"}],
+                    log_tail="Traceback ...")
+    text = failure_message(oom)
+    assert "CUDA out of memory" in text and "zero3_offload" in text and "fewer frames" in text
+    assert "Traceback" in text
+    gpus = RunResult(3, [{"event": "error", "kind": "preflight",
+                          "message": "2 processes per node but only 1 GPU(s) visible"}])
+    assert "too few GPUs: 1 GPU(s) are visible to ComfyUI" in failure_message(gpus, visible_gpus=1)
+    config = RunResult(2, [{"event": "error", "kind": "config", "message": "config field 'frames': must be 4k+1"}])
+    assert "'frames'" in failure_message(config) and "fix the field" in failure_message(config)
+    crash = RunResult(-9, [], log_tail="Killed")
+    assert "exited with code -9" in failure_message(crash)
+    assert os.path.basename(launcher.LOG_FILE) == "train.log"

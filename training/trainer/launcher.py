@@ -1,0 +1,404 @@
+"""Run the trainer as a subprocess: command, environment, GPU lock, progress stream, graceful stop.
+
+Used by the ComfyUI "Reward LoRA Train" node and usable from any Python program; never
+imports ComfyUI. The trainer is its own program (``accelerate launch ... train_reward_lora.py``),
+started from an argument list in its own process group, so a stop reaches every rank and
+nothing of the caller is relaunched per rank.
+
+Stop sequence (``TrainerProcess.stop``): create ``<output_dir>/STOP`` (the trainer saves a
+checkpoint and the LoRA, then exits 0), after ``grace_s`` SIGTERM to the whole group (the
+trainer treats it like STOP), after ``kill_s`` more SIGKILL to the group.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, STOP_FILE
+
+TRAINING_DIR = Path(__file__).resolve().parents[1]
+ENTRY_SCRIPT = TRAINING_DIR / "train_reward_lora.py"
+CONFIGS_DIR = TRAINING_DIR / "configs"
+# DeepSpeed presets -> accelerate config files in training/configs/ (None: plain DDP, no DeepSpeed)
+PRESETS = {
+    "zero3_offload": "accelerate_zero3_offload.yaml",
+    "zero2": "accelerate_zero2.yaml",
+    "none": None,
+}
+LOG_FILE = "train.log"
+
+
+class LaunchError(RuntimeError):
+    """The run cannot start (bad GPU choice, preset file missing, GPUs busy); the message says why."""
+
+
+# ---- device choice --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Processes to start and the devices they see: ``gpu_ids`` (CUDA ids) or CPU processes."""
+
+    num_processes: int
+    gpu_ids: tuple[str, ...] = ()
+
+    @property
+    def cpu(self) -> bool:
+        return not self.gpu_ids
+
+    @property
+    def lock_keys(self) -> list[str]:
+        return [f"gpu{g}" for g in self.gpu_ids] if self.gpu_ids else ["cpu"]
+
+
+def parse_devices(text: str, visible_gpus: int) -> DeviceChoice:
+    """``"auto"``/``""`` (every visible GPU, else 1 CPU process), ``"2"`` (the first 2 GPUs),
+    ``"0,1"`` / ``"1"``-with-comma ids, ``"cpu"`` / ``"cpu:2"`` (CPU processes, tests and demos)."""
+    text = (text or "").strip().lower().replace(" ", "")
+    if text in ("", "auto", "all"):
+        if visible_gpus == 0:
+            return DeviceChoice(1)
+        return DeviceChoice(visible_gpus, tuple(str(i) for i in range(visible_gpus)))
+    if text.startswith("cpu"):
+        count = text[3:].lstrip(":") or "1"
+        if not count.isdigit() or int(count) < 1:
+            raise LaunchError(f"gpus '{text}': write cpu or cpu:N with N >= 1 CPU processes")
+        return DeviceChoice(int(count))
+    if "," in text or text.endswith(","):
+        ids = [i for i in text.split(",") if i]
+        if not ids or not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids):
+            raise LaunchError(f"gpus '{text}': write GPU ids like 0,1 (distinct numbers)")
+        missing = [i for i in ids if int(i) >= visible_gpus]
+        if missing:
+            raise LaunchError(f"gpus '{text}': GPU id(s) {', '.join(missing)} not visible; "
+                              f"{_visible_text(visible_gpus)}")
+        return DeviceChoice(len(ids), tuple(ids))
+    if text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise LaunchError(f"gpus '{text}': give at least 1 GPU, 'auto' or 'cpu'")
+        if count > visible_gpus:
+            raise LaunchError(f"gpus '{text}': {count} GPU(s) requested but {_visible_text(visible_gpus)}; "
+                              "lower the count or expose more GPUs")
+        return DeviceChoice(count, tuple(str(i) for i in range(count)))
+    raise LaunchError(f"gpus '{text}': write auto, a GPU count (2), GPU ids (0,1) or cpu[:N]")
+
+
+def _visible_text(visible: int) -> str:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={env!r})" if env is not None else ""
+    return f"only {visible} GPU(s) are visible{where}"
+
+
+# ---- command and environment -----------------------------------------------------------
+
+def preset_config_file(preset: str) -> Path | None:
+    if preset not in PRESETS:
+        raise LaunchError(f"deepspeed preset '{preset}' is unknown; choose one of {', '.join(PRESETS)}")
+    name = PRESETS[preset]
+    if name is None:
+        return None
+    path = CONFIGS_DIR / name
+    if not path.is_file():
+        raise LaunchError(f"deepspeed preset '{preset}': its accelerate config {path} is missing; "
+                          "reinstall the pack or choose the preset 'none'")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_command(config_path: str | os.PathLike, devices: DeviceChoice, preset: str = "none",
+                  python: str | None = None, port: int | None = None) -> list[str]:
+    """``python -m accelerate.commands.launch [...] training/train_reward_lora.py --config run.yaml``."""
+    cmd = [python or sys.executable, "-m", "accelerate.commands.launch"]
+    preset_file = preset_config_file(preset)
+    if preset_file is not None:
+        cmd += ["--config_file", str(preset_file)]
+    elif devices.num_processes > 1:
+        cmd += ["--multi_gpu"]  # torchrun-style workers; on CPU the trainer uses the gloo backend
+    cmd += ["--num_processes", str(devices.num_processes), "--num_machines", "1",
+            "--dynamo_backend", "no"]
+    if preset_file is None:
+        cmd += ["--mixed_precision", "no"]  # the trainer casts itself (config mixed_precision)
+    if devices.num_processes > 1:
+        cmd += ["--main_process_port", str(port or free_port())]
+    cmd += [str(ENTRY_SCRIPT), "--config", str(config_path)]
+    return cmd
+
+
+def build_env(devices: DeviceChoice, base: dict | None = None, threads: int | None = None) -> dict[str, str]:
+    """Environment of the trainer: ``CUDA_VISIBLE_DEVICES`` from the choice ("" for CPU runs)."""
+    env = dict(os.environ if base is None else base)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices.gpu_ids)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # never inherit a parent's distributed role
+    return env
+
+
+# ---- one run per device set -------------------------------------------------------------
+
+def lock_dir() -> Path:
+    path = Path(os.environ.get("WAN_REWARD_LOCK_DIR") or Path(tempfile.gettempdir()) / "wan_reward_lora_locks")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class DeviceLock:
+    """Exclusive ``flock`` on one file per GPU (or "cpu"); released on close or process death."""
+
+    def __init__(self, keys: list[str], owner: str = "", folder: Path | None = None):
+        self.keys = list(keys)
+        self.owner = owner
+        self.folder = folder or lock_dir()
+        self._handles: list = []
+
+    def acquire(self) -> "DeviceLock":
+        for key in self.keys:
+            path = self.folder / f"{key}.lock"
+            handle = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another run"
+                handle.close()
+                self.release()
+                what = "the CPU training slot" if key == "cpu" else f"GPU {key[3:]}"
+                raise LaunchError(f"{what} is already training ({holder}); wait for that run to finish, "
+                                  "cancel it, or choose other GPUs") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{self.owner} pid {os.getpid()}")
+            handle.flush()
+            self._handles.append(handle)
+        return self
+
+    def release(self) -> None:
+        for handle in self._handles:
+            try:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            finally:
+                handle.close()
+        self._handles = []
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ---- the running trainer ------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    returncode: int
+    events: list[dict] = field(default_factory=list)
+    log_tail: str = ""
+    stopped: bool = False
+
+    @property
+    def finished(self) -> dict | None:
+        return next((e for e in reversed(self.events) if e.get("event") == "finished"), None)
+
+    @property
+    def error(self) -> dict | None:
+        return next((e for e in reversed(self.events) if e.get("event") == "error"), None)
+
+
+def parse_event(line: str) -> dict | None:
+    """A progress event from one stdout line, or None for any other output."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "event" in record else None
+
+
+class TrainerProcess:
+    """A trainer subprocess in its own process group; stdout+stderr go to ``<output_dir>/train.log``
+    and a reader thread turns progress lines into events (``next_event``)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], output_dir: str | os.PathLike,
+                 tail_lines: int = 60, cwd: str | os.PathLike | None = None):
+        self.command = command
+        self.env = env
+        self.output_dir = Path(output_dir)
+        self.cwd = str(cwd or self.output_dir)
+        self.events: list[dict] = []
+        self._queue: "queue.Queue[dict]" = queue.Queue()
+        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self.stop_requested = False
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / LOG_FILE
+
+    def start(self) -> "TrainerProcess":
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / STOP_FILE).unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True, text=True, encoding="utf-8", errors="replace",
+            bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._read, name="trainer-stdout", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                event = parse_event(line)
+                if event is not None:
+                    self.events.append(event)
+                    self._queue.put(event)
+                elif line.strip():
+                    self._tail.append(line.rstrip("\n"))
+
+    @property
+    def pgid(self) -> int:
+        assert self.process is not None
+        return self.process.pid  # start_new_session: the group id is the leader's pid
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def next_event(self, timeout: float) -> dict | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    def group_alive(self) -> bool:
+        """Whether any process of the run's group still exists (zombies excluded)."""
+        if self.process is None:
+            return False
+        return bool(group_members(self.pgid))
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, grace_s: float = 60.0, kill_s: float = 10.0) -> int:
+        """STOP file, then SIGTERM to the group after ``grace_s``, then SIGKILL after ``kill_s``.
+        Returns the exit code; on return no process of the group is left."""
+        if self.process is None:
+            return 0
+        self.stop_requested = True
+        if self.process.poll() is None:
+            try:
+                (self.output_dir / STOP_FILE).touch()
+            except OSError:
+                pass
+        for sig, wait_s in ((None, grace_s), (signal.SIGTERM, kill_s), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                self._signal_group(sig)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None and not self.group_alive():
+                    break
+                time.sleep(0.1)
+            else:
+                continue
+            break
+        if self.group_alive():  # leader gone but workers left: no orphans
+            self._signal_group(signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while self.group_alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return self.wait(timeout=5.0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout=5.0)
+        return code
+
+    def result(self) -> RunResult:
+        code = self.poll()
+        return RunResult(returncode=-1 if code is None else code, events=list(self.events),
+                         log_tail=self.log_tail(), stopped=self.stop_requested)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids whose process group is ``pgid`` (Linux /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        rest = stat.rsplit(")", 1)[-1].split()
+        if len(rest) > 2 and rest[0] != "Z" and int(rest[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+# ---- failures -> what to tell the user -------------------------------------------------------
+
+_OOM_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory", "cannot allocate memory",
+                "memoryerror")
+
+
+def failure_message(result: RunResult, visible_gpus: int | None = None) -> str:
+    """One message for a failed run: what failed, a hint, and the last lines of the log."""
+    error = result.error or {}
+    message = error.get("message") or f"the trainer exited with code {result.returncode}"
+    text = (message + "\n" + result.log_tail).lower()
+    hints = []
+    if any(marker in text for marker in _OOM_MARKERS):
+        hints.append("out of memory: use the zero3_offload preset (CPU offload), fewer frames, a lower "
+                     "resolution, a smaller backprop window, or more GPUs")
+    if ("gpu(s) visible" in text or "no gpu is visible" in text or "too few gpu" in text
+            or "invalid device ordinal" in text):
+        seen = f"{visible_gpus} GPU(s) are visible to ComfyUI" if visible_gpus is not None else "check the GPU count"
+        hints.append(f"too few GPUs: {seen}; lower the gpus setting or expose more GPUs (CUDA_VISIBLE_DEVICES)")
+    if result.returncode == EXIT_CONFIG or error.get("kind") == "config":
+        hints.append("a setting is invalid: fix the field named above")
+    elif result.returncode == EXIT_PREFLIGHT or error.get("kind") == "preflight":
+        hints.append("the machine cannot run this preset as set up (see above)")
+    parts = [f"Reward LoRA training failed: {message}"]
+    parts += [f"Hint: {h}" for h in hints]
+    if result.log_tail:
+        parts.append("Last lines of the trainer log:\n" + result.log_tail)
+    return "\n".join(parts)
