@@ -13,8 +13,8 @@ from comfy_api.latest import io, ui
 from ..training.rewards import load_reward_model
 from ..training.rewards.preprocess import PREPROCESS_MODES
 from ..training.rewards.registry import EXPECTED_FILES
-from ..training.rewards.report import (FRAME_SELECTIONS, pick_best, pick_text, plot_scores, report_json,
-                                       report_text, score_report)
+from ..training.rewards.report import (FRAME_SELECTIONS, combine_reports, pick_best, pick_text, plot_scores,
+                                       report_json, report_text, score_report)
 from .folders import REWARD_MODELS
 
 RewardModelType = io.Custom("WAN_REWARD_MODEL")
@@ -125,6 +125,11 @@ class WanRewardScoreFrames(io.ComfyNode):
                 io.Image.Input("images", tooltip="decoded frames (an IMAGE batch)"),
                 io.String.Input("prompt", multiline=True, default=""),
                 *_frame_inputs(),
+                io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True,
+                               tooltip="weight of reward_model when reward_model_2 is connected"),
+                RewardModelType.Input("reward_model_2", optional=True,
+                                      tooltip="optional second model: mean_score = weight*model + weight_2*model_2"),
+                io.Float.Input("weight_2", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True),
             ],
             outputs=[
                 io.Float.Output(display_name="mean_score"),
@@ -135,11 +140,21 @@ class WanRewardScoreFrames(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, reward_model, images, prompt, frames, n, preprocess, batch_size) -> io.NodeOutput:
-        report = score_report(reward_model, _image_to_frames(images), prompt, frames, n, batch_size, preprocess)
-        plot = plot_scores(report)
+    def execute(cls, reward_model, images, prompt, frames, n, preprocess, batch_size, weight=1.0,
+                reward_model_2=None, weight_2=1.0) -> io.NodeOutput:
+        clip = _image_to_frames(images)
+        report = score_report(reward_model, clip, prompt, frames, n, batch_size, preprocess)
+        text = report_text(report)
+        if reward_model_2 is not None:
+            second = score_report(reward_model_2, clip, prompt, frames, n, batch_size, preprocess)
+            combined = combine_reports([report, second], [weight, weight_2])
+            text = "\n".join([report_text(combined).split("\n")[0], text, report_text(second)])
+            plot = plot_scores([combined, report, second])
+            report = combined
+        else:
+            plot = plot_scores(report)
         return io.NodeOutput(report["mean"], report_json(report), plot,
-                             ui={"text": (report_text(report),), **ui.PreviewImage(plot, cls=cls).as_dict()})
+                             ui={"text": (text,), **ui.PreviewImage(plot, cls=cls).as_dict()})
 
 
 class WanRewardPickBest(io.ComfyNode):

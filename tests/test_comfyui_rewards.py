@@ -98,6 +98,24 @@ def test_pick_best(comfyui, setup):
     assert "best: candidate" in outputs["5"]["text"][0]
 
 
+def test_two_models_weighted(comfyui, setup):
+    from training.rewards.tiny import write_tiny_mps_checkpoint
+
+    frames, expected = setup
+    mps_path = write_tiny_mps_checkpoint(comfyui.model_path("reward_models", "mps_tiny.safetensors"), seed=1)
+    mps_scores = load_reward_model(mps_path).score(frames, [PROMPT] * 2)
+    prompt = _score_prompt()
+    prompt["8"] = {"class_type": "WanRewardLoadRewardModel",
+                   "inputs": {"model_name": "mps_tiny.safetensors", "dtype": "float32", "device": "cpu",
+                              "mps_variant": "official"}}
+    prompt["5"]["inputs"].update(weight=2.0, reward_model_2=["8", 0], weight_2=0.5)
+    outputs = comfyui.run(prompt)
+    report = json.loads(outputs["6"]["text"][0])
+    want = 2.0 * np.mean(expected) + 0.5 * float(mps_scores.mean())
+    assert abs(float(outputs["7"]["text"][0]) - want) < 1e-4 and abs(report["mean"] - want) < 1e-4
+    assert [m["model"] for m in report["models"]] == ["hps_v2.1", "mps"]
+
+
 def test_wrong_file_error_reaches_the_ui(comfyui):
     from safetensors.torch import save_file
 

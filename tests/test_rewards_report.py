@@ -48,3 +48,18 @@ def test_score_report_plot_and_pick(tmp_path):
     reports = [dict(report, mean=m) for m in (0.1, 0.3, 0.2)]
     pick = pick_best(reports, top_k=2, threshold=0.25)
     assert pick["best"] == 1 and pick["ranking"] == [1, 2, 0] and pick["kept"] == [1] and pick["rejected"] == [2, 0]
+
+
+def test_combined_reports_and_panels(tmp_path):
+    from training.rewards.report import combine_reports
+    from training.rewards.tiny import write_tiny_mps_checkpoint
+
+    hps = load_reward_model(write_tiny_hps_checkpoint(tmp_path / "hps.pt"))
+    mps = load_reward_model(write_tiny_mps_checkpoint(tmp_path / "mps.safetensors"))
+    frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    first, second = (score_report(m, frames, "a cat") for m in (hps, mps))
+    combined = combine_reports([first, second], [1.0, 0.5])
+    assert combined["scores"] == pytest.approx([a + 0.5 * b for a, b in zip(first["scores"], second["scores"])])
+    assert combined["mean"] == pytest.approx(first["mean"] + 0.5 * second["mean"])
+    assert combined["model"] == "1*hps_v2.1+0.5*mps" and combined["motion"] == first["motion"]
+    assert plot_scores([combined, first, second]).shape == (1, 3 * 288, 512, 3)

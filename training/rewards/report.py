@@ -90,8 +90,27 @@ def pick_text(pick: dict, reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_scores(report: dict, width: int = 512, height: int = 288) -> torch.Tensor:
-    """A line plot of score per frame (with mean line and motion in the title): [1, H, W, 3] in [0, 1]."""
+def plot_scores(report: dict | list[dict], width: int = 512, height: int = 288) -> torch.Tensor:
+    """Line plot of score per frame (mean line, motion in the title), one panel per report:
+    [1, height * panels, width, 3] in [0, 1]."""
+    from PIL import Image
+
+    reports = report if isinstance(report, list) else [report]
+    panels = [_plot_panel(r, width, height) for r in reports]
+    image = Image.new("RGB", (width, height * len(panels)), (255, 255, 255))
+    for index, panel in enumerate(panels):
+        image.paste(panel, (0, index * height))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+def combine_reports(reports: list[dict], weights: list[float]) -> dict:
+    """Weighted sum of several models' reports on the same frames (as the trainer combines rewards)."""
+    scores = [sum(w * r["scores"][i] for r, w in zip(reports, weights)) for i in range(len(reports[0]["scores"]))]
+    return {**reports[0], "model": "+".join(f"{w:g}*{r['model']}" for r, w in zip(reports, weights)),
+            "scores": scores, "mean": float(np.mean(scores)), "weights": list(weights), "models": reports}
+
+
+def _plot_panel(report: dict, width: int, height: int):
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (width, height), (255, 255, 255))
@@ -126,4 +145,4 @@ def plot_scores(report: dict, width: int = 512, height: int = 288) -> torch.Tens
     draw.text((left, 8), f"{report['model']} per frame  mean {report['mean']:.4f}  motion {report['motion']:.2f}",
               fill=(0, 0, 0))
     draw.text((left + 16, bottom + 6), "frame", fill=(120, 120, 120))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+    return image
