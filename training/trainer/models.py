@@ -114,8 +114,7 @@ def load_wan_expert(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
     config = wan_config_from_state_dict(native, str(path))
     converted = convert_wan_transformer_to_diffusers(dict(native))
     model = _build(WanTransformer3DModel, config, converted, f"Wan expert {path}")
-    model.requires_grad_(False).eval()
-    return model.to(dtype)
+    return model.requires_grad_(False).eval()  # tensors already in dtype (no .to(): keeps fp32 buffers)
 
 
 def vae_config_from_state_dict(sd: Mapping[str, torch.Tensor], path: str = "") -> dict:
@@ -139,7 +138,7 @@ def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     native = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in native.items()}
     config = vae_config_from_state_dict(native, str(path))
     model = _build(AutoencoderKLWan, config, convert_wan_vae_to_diffusers(native), f"VAE {path}")
-    return model.requires_grad_(False).eval().to(dtype)
+    return model.requires_grad_(False).eval()
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

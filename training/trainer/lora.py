@@ -1,0 +1,104 @@
+"""The trained LoRA: peft adapters on the chosen Linear layers, exported in native names."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+
+from ..wan_names import diffusers_to_native
+
+
+def target_modules(model: torch.nn.Module, targets, exclude: list[str]) -> list[str]:
+    """diffusers module paths of the Linear layers to adapt.
+
+    ``targets``: "all_linear" or native suffixes (``self_attn.q``, ``text_embedding.0``);
+    ``exclude``: substrings of native paths to skip (the seed skips ``ffn``).
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        native = diffusers_to_native(name)
+        if native is None:
+            continue
+        if any(part in native for part in exclude):
+            continue
+        if targets != "all_linear" and not any(native == t or native.endswith("." + t) for t in targets):
+            continue
+        names.append(name)
+    return names
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets, exclude: list[str]) -> list[str]:
+    """Inject peft LoRA (A: kaiming, B: zeros) into ``model``; returns the adapted paths."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = target_modules(model, targets, exclude)
+    if not names:
+        raise ValueError(f"lora_targets={targets!r} with lora_exclude={exclude!r} selects no Linear layer")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0,
+                        init_lora_weights=True, bias="none")
+    inject_adapter_in_model(config, model, adapter_name="default")
+    for pname, param in model.named_parameters():
+        param.requires_grad_("lora_" in pname)
+    return names
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter]):
+    """Full tensors of ZeRO-3 partitioned parameters (collective: every rank must enter)."""
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _clean(name: str) -> str:
+    """Strip wrappers' prefixes (DeepSpeed/DDP ``module.``, torch.compile ``_orig_mod.``)."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA parameters by (clean) parameter name, float32 CPU copies (gathers under ZeRO-3)."""
+    params = lora_parameters(model)
+    with gathered(list(params.values())):
+        return {_clean(n): p.detach().float().cpu().clone() for n, p in params.items()}
+
+
+def load_lora_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = {_clean(n): p for n, p in lora_parameters(model).items()}
+    missing = set(params) - set(state)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[:2]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name].to(param.dtype))
+
+
+def native_modules(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, tuple]:
+    """peft state {path.lora_A.default.weight: ...} -> {native path: (up, down, alpha)}."""
+    downs, ups = {}, {}
+    for name, tensor in state.items():
+        if ".lora_A." in name:
+            downs[name.split(".lora_A.")[0]] = tensor
+        elif ".lora_B." in name:
+            ups[name.split(".lora_B.")[0]] = tensor
+    out = {}
+    for path, down in downs.items():
+        native = diffusers_to_native(path)
+        if native is None:
+            raise ValueError(f"no native Wan name for the adapted module {path}")
+        out[native] = (ups[path], down, alpha)
+    return out
