@@ -1,0 +1,146 @@
+"""Reward LoRA Train inside a real ComfyUI: a tiny 2-process CPU training end to end, the LoRA in the
+loader's list and loading with zero unmatched keys, Cancel leaving no trainer process, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import requests
+import torch
+
+from training.rewards.tiny import write_tiny_hps_checkpoint
+from training.safe_io import save_safetensors
+from training.tiny_models import random_prompt_embeddings, tiny_vae_state_dict, tiny_wan_state_dict
+from training.trainer.models import write_prompt_embeddings
+
+pytestmark = pytest.mark.comfyui
+PROMPTS = ["a red fox running through snow", "a sailboat on a calm lake at sunset"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(comfyui):
+    save_safetensors(tiny_wan_state_dict(seed=1), comfyui.model_path("diffusion_models", "tiny_train_high.safetensors"))
+    save_safetensors(tiny_wan_state_dict(seed=2), comfyui.model_path("diffusion_models", "tiny_train_low.safetensors"))
+    save_safetensors(tiny_vae_state_dict(seed=3), comfyui.model_path("vae", "tiny_train_vae.safetensors"))
+    write_tiny_hps_checkpoint(comfyui.model_path("reward_models", "HPS_v2.1_train_tiny.safetensors"), seed=0)
+    write_prompt_embeddings(comfyui.input / "tiny_prompt_embeddings.safetensors",
+                            random_prompt_embeddings([""] + PROMPTS))
+    return comfyui
+
+
+def train_prompt(output_name: str, steps: int, checkpoint_every: int = 0, resume: bool = True, **extra) -> dict:
+    inputs = dict(
+        high_noise_model="tiny_train_high.safetensors", low_noise_model="tiny_train_low.safetensors",
+        vae="tiny_train_vae.safetensors", reward_model="HPS_v2.1_train_tiny.safetensors", reward_weight=1.0,
+        prompts="\n".join(PROMPTS), expert="low", rank=4, alpha=4.0, steps=steps, learning_rate=2e-3,
+        width=32, height=32, frames=5, backprop_steps=1, gpus="cpu:2", deepspeed="none",
+        output_name=output_name, resume=resume, prompt_embeddings="tiny_prompt_embeddings.safetensors",
+        inference_steps=8, guidance_scale=3.0, shift=5.0, boundary=0.9, seed=0, checkpoint_every=checkpoint_every,
+    )
+    inputs.update(extra)
+    return {"1": {"class_type": "WanRewardLoraTrain", "inputs": inputs}}
+
+
+def _events(comfyui, name):
+    path = comfyui.output / "wan_reward_lora" / name / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _trainer_pids(marker: str) -> list[int]:
+    """Live processes whose command line names this run's folder (the trainer and its ranks)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmd = handle.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def test_train_node_registered(comfyui):
+    info = comfyui.object_info()["WanRewardLoraTrain"]
+    assert info["display_name"] == "Reward LoRA Train"
+    assert info["output"] == ["STRING", "IMAGE", "STRING"]
+    assert info["input"]["required"]["deepspeed"][1]["options"] == ["zero3_offload", "zero2", "none"]
+
+
+def test_tiny_training_end_to_end_and_lora_loads(tiny_models):
+    comfyui = tiny_models
+    outputs = comfyui.run(train_prompt("tiny_e2e", steps=3), timeout=300)
+    scores = json.loads(outputs["1"]["text"][0])
+    assert scores["steps"] == 3 and scores["reason"] == "completed"
+    assert outputs["1"]["images"], "the reward curve preview is missing"
+    events = _events(comfyui, "tiny_e2e")
+    started = next(e for e in events if e["event"] == "started")
+    assert started["world_size"] == 2
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    # the loader lists it ...
+    assert "tiny_e2e.safetensors" in comfyui.get("/models/loras").json()
+    lora_options = comfyui.object_info()["WanRewardDualLoraLoader"]["input"]["required"]["lora_low"]
+    assert "tiny_e2e.safetensors" in json.dumps(lora_options)
+    # ... and loads it with zero unmatched keys
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_high.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_low.safetensors", "weight_dtype": "default"}},
+        "3": {"class_type": "WanRewardDualLoraLoader", "inputs": {
+            "model_high": ["1", 0], "model_low": ["2", 0], "lora_high": "None", "strength_high": 0.0,
+            "lora_low": "tiny_e2e.safetensors", "strength_low": 1.0}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
+    }
+    report = comfyui.run(graph)["4"]["text"][0]
+    assert "keys unmatched: 0;" in report and "shape mismatches: 0" in report, report
+    assert "modules matched: 0 of" not in report
+
+
+def test_bad_inputs_are_node_errors(tiny_models):
+    comfyui = tiny_models
+    message = comfyui.run_expecting_error(train_prompt("../escape", steps=1))
+    assert "output_name" in message and "no folders" in message
+    message = comfyui.run_expecting_error(train_prompt("tiny_bad", steps=1, frames=6))
+    assert "frames" in message and "4k+1" in message
+    message = comfyui.run_expecting_error(train_prompt("tiny_bad", steps=1, gpus="8"))
+    assert "8 GPU(s) requested but only 0 GPU(s) are visible" in message
+    message = comfyui.run_expecting_error(train_prompt("tiny_bad", steps=1, prompt_embeddings="../../etc/passwd"))
+    assert "inside ComfyUI's input folder" in message
+
+
+def test_cancel_stops_every_process_and_resume_continues(tiny_models):
+    comfyui = tiny_models
+    name = "tiny_cancel"
+    prompt_id = comfyui.queue(train_prompt(name, steps=200, checkpoint_every=2))
+    deadline = time.monotonic() + 120
+    while not [e for e in _events(comfyui, name) if e["event"] == "step" and e["step"] >= 2]:
+        assert time.monotonic() < deadline, comfyui.log_tail()
+        time.sleep(0.3)
+    run_dir = str(comfyui.output / "wan_reward_lora" / name)
+    assert _trainer_pids(run_dir), "no trainer process found while training"
+    requests.post(f"{comfyui.url}/interrupt", json={}, timeout=10).raise_for_status()
+    t0 = time.monotonic()
+    while _trainer_pids(run_dir) and time.monotonic() - t0 < 10:
+        time.sleep(0.2)
+    assert not _trainer_pids(run_dir), f"trainer processes alive 10 s after Cancel: {_trainer_pids(run_dir)}"
+    entry = comfyui.wait(prompt_id, timeout=60)
+    assert entry["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
+    events = _events(comfyui, name)
+    stopped = [e for e in events if e["event"] == "finished"]
+    assert stopped and stopped[-1]["reason"] == "stopped", "the trainer did not save on Cancel"
+    last = stopped[-1]["step"]
+    assert (comfyui.output / "wan_reward_lora" / name / "checkpoints" / "latest.json").exists()
+    # queue again: it resumes from the checkpoint and finishes
+    outputs = comfyui.run(train_prompt(name, steps=last + 2, checkpoint_every=2), timeout=300)
+    started = [e for e in _events(comfyui, name) if e["event"] == "started"]
+    assert len(started) == 2 and started[-1]["step"] == last and started[-1]["resumed_from"]
+    assert json.loads(outputs["1"]["text"][0])["steps"] == last + 2
