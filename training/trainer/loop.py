@@ -11,6 +11,7 @@ repeats exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,7 +50,9 @@ def make_accelerator(cfg: TrainConfig):
     if not cuda:
         # The shared-memory comm op serves inference only and would be JIT-compiled at start.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    with open(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"], encoding="utf-8") as handle:
+    from .preflight import deepspeed_config_path
+
+    with open(deepspeed_config_path(), encoding="utf-8") as handle:
         ds = json.load(handle)
     ds.pop("optimizer", None)
     ds.pop("scheduler", None)
@@ -65,6 +68,18 @@ def make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     return accelerator, True
+
+
+@contextlib.contextmanager
+def _no_zero_init(accelerator):
+    """Build models whole: transformers would construct them under zero.Init (empty params)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def resolve_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -308,17 +323,20 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     train_prompts, val_prompts = resolve_prompts(cfg)
     embeddings = load_embeddings(cfg, train_prompts + val_prompts + [cfg.negative_prompt], device)
 
-    experts = {"high": load_wan_expert(cfg.high_noise_model, dtype),
-               "low": load_wan_expert(cfg.low_noise_model, dtype)}
-    trained = experts[cfg.expert]
-    adapted = add_lora(trained, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_exclude)
-    if cfg.gradient_checkpointing:
-        trained.enable_gradient_checkpointing()
-    other_name = "low" if cfg.expert == "high" else "high"
-    experts[other_name] = experts[other_name].to(device)
-    vae = load_wan_vae(cfg.vae, dtype).to(device)
-    rewards = reward_loader(cfg.rewards, device, dtype, "rewards")
-    held_out = reward_loader(cfg.held_out_rewards, device, dtype, "held_out_rewards")
+    # Our models are built whole and not partitioned at construction (transformers would
+    # otherwise build the reward CLIP under zero.Init with empty parameters).
+    with _no_zero_init(accelerator) if use_ds else contextlib.nullcontext():
+        experts = {"high": load_wan_expert(cfg.high_noise_model, dtype),
+                   "low": load_wan_expert(cfg.low_noise_model, dtype)}
+        trained = experts[cfg.expert]
+        adapted = add_lora(trained, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_exclude)
+        if cfg.gradient_checkpointing:
+            trained.enable_gradient_checkpointing()
+        other_name = "low" if cfg.expert == "high" else "high"
+        experts[other_name] = experts[other_name].to(device)
+        vae = load_wan_vae(cfg.vae, dtype).to(device)
+        rewards = reward_loader(cfg.rewards, device, dtype, "rewards")
+        held_out = reward_loader(cfg.held_out_rewards, device, dtype, "held_out_rewards")
 
     params = list(lora_parameters(trained).values())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -355,9 +373,15 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
             resumed_from = str(found)
     progress.emit("started", step=start, max_steps=cfg.max_steps, expert=cfg.expert, world_size=world,
                   output_dir=str(output), lora_path=str(cfg.lora_path), config_hash=cfg.config_hash(),
-                  resumed_from=resumed_from, adapted_modules=len(adapted), deepspeed=use_ds)
+                  resumed_from=resumed_from, adapted_modules=len(adapted), deepspeed=use_ds,
+                  gradient_clipping=float(model.gradient_clipping()) if use_ds else cfg.max_grad_norm)
+
+    saved = {"step": None}
 
     def checkpoint(step: int, reason: str):
+        if saved["step"] == step:  # already saved at this step (e.g. periodic, then final)
+            return
+        saved["step"] = step
         path = save_checkpoint(accelerator, model, optimizer, scheduler, step, output,
                                lambda p: write_lora(p, step), cfg.checkpoints_keep, use_ds)
         write_lora(cfg.lora_path, step)

@@ -22,10 +22,27 @@ def _file_gib(path: str) -> float:
     return os.path.getsize(path) / GIB if path and os.path.isfile(path) else 0.0
 
 
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def deepspeed_config_path() -> str | None:
+    """The DeepSpeed JSON named by the accelerate config (relative: to the cwd, else the pack root)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
+        return None
+    if not os.path.isabs(path) and not os.path.isfile(path) and os.path.isfile(os.path.join(PACK_ROOT, path)):
+        path = os.path.join(PACK_ROOT, path)
+    if not os.path.isfile(path):
+        raise PreflightError(f"DeepSpeed config file not found: {path} (deepspeed_config_file in the accelerate config)")
+    return path
+
+
 def deepspeed_settings() -> dict:
     """Stage and offload of the DeepSpeed JSON this process was launched with ({} if none)."""
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or not path:
+    path = deepspeed_config_path()
+    if not path:
         return {}
     try:
         with open(path, encoding="utf-8") as handle:
