@@ -26,6 +26,9 @@ CATEGORY = "Wan Reward LoRA/training"
 EVENT = "wan_reward.train"  # websocket event type (web/train_progress.js listens)
 RUNS_FOLDER = "wan_reward_lora"  # under ComfyUI's output folder: one run folder per output name
 NONE = "none"
+# The LoRA name output has the combo type, so it links into a loader's lora dropdown (V1 packs return
+# the file list as the type for the same reason; V3 combo inputs check for "COMBO").
+LoraNameType = io.Custom("COMBO")
 STOP_GRACE_S = 120.0  # after Cancel: time for the trainer to save before SIGTERM
 TERM_GRACE_S = 20.0  # after SIGTERM: time before SIGKILL
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,119}$")
@@ -170,7 +173,9 @@ class WanRewardLoraTrain(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000, optional=True),
             ],
             outputs=[
-                io.String.Output("lora_name", display_name="lora_name"),
+                LoraNameType.Output("lora_name", display_name="lora_name",
+                                    tooltip="The trained LoRA's name in the loras folder; link it to a LoRA loader's "
+                                            "lora widget."),
                 io.Image.Output("reward_curve", display_name="reward_curve"),
                 io.String.Output("scores", display_name="scores"),
             ],

@@ -72,13 +72,24 @@ def _trainer_pids(marker: str) -> list[int]:
 def test_train_node_registered(comfyui):
     info = comfyui.object_info()["WanRewardLoraTrain"]
     assert info["display_name"] == "Reward LoRA Train"
-    assert info["output"] == ["STRING", "IMAGE", "STRING"]
+    assert info["output"] == ["COMBO", "IMAGE", "STRING"]
     assert info["input"]["required"]["deepspeed"][1]["options"] == ["zero3_offload", "zero2", "none"]
 
 
 def test_tiny_training_end_to_end_and_lora_loads(tiny_models):
     comfyui = tiny_models
-    outputs = comfyui.run(train_prompt("tiny_e2e", steps=3), timeout=300)
+    graph = train_prompt("tiny_e2e", steps=3)  # train, then load the result in the same prompt
+    graph.update({
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_high.safetensors", "weight_dtype": "default"}},
+        "3": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_low.safetensors", "weight_dtype": "default"}},
+        "4": {"class_type": "WanRewardDualLoraLoader", "inputs": {
+            "model_high": ["2", 0], "model_low": ["3", 0], "lora_high": "None", "strength_high": 0.0,
+            "lora_low": ["1", 0], "strength_low": 1.0}},
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 2]}},
+    })
+    outputs = comfyui.run(graph, timeout=300)
+    report = outputs["5"]["text"][0]
+    assert "keys unmatched: 0;" in report and "shape mismatches: 0" in report, report
     scores = json.loads(outputs["1"]["text"][0])
     assert scores["steps"] == 3 and scores["reason"] == "completed"
     assert outputs["1"]["images"], "the reward curve preview is missing"
@@ -90,7 +101,7 @@ def test_tiny_training_end_to_end_and_lora_loads(tiny_models):
     assert "tiny_e2e.safetensors" in comfyui.get("/models/loras").json()
     lora_options = comfyui.object_info()["WanRewardDualLoraLoader"]["input"]["required"]["lora_low"]
     assert "tiny_e2e.safetensors" in json.dumps(lora_options)
-    # ... and loads it with zero unmatched keys
+    # ... and loads it from the list with zero unmatched keys
     graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_high.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_low.safetensors", "weight_dtype": "default"}},
