@@ -1,0 +1,108 @@
+"""Run configs: bad values are rejected before any model loads, naming the field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.trainer.config import ConfigError, config_from_dict, load_config
+from training.trainer.progress import EXIT_CONFIG
+
+PACK = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cfg")
+    names = ["high.safetensors", "low.safetensors", "vae.safetensors", "emb.safetensors", "hps.pt", "mps.pth"]
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def good(folder: Path) -> dict:
+    return dict(high_noise_model=str(folder / "high.safetensors"), low_noise_model=str(folder / "low.safetensors"),
+                vae=str(folder / "vae.safetensors"), prompt_embeddings=str(folder / "emb.safetensors"),
+                prompts=["a cat"], rewards=[{"model": "hps", "path": str(folder / "hps.pt")}],
+                output_dir=str(folder / "out"))
+
+
+def test_good_config_and_seed_defaults(files):
+    cfg = config_from_dict(good(files))
+    # the seed's recipe is the default
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_exclude) == (128, 64.0, ["ffn"])
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.adam_epsilon, cfg.max_grad_norm) == (1e-5, 3e-2, 1e-10, 0.3)
+    assert (cfg.inference_steps, cfg.shift, cfg.boundary, cfg.guidance_scale) == (40, 5.0, 0.9, 6.0)
+    assert (cfg.height, cfg.width, cfg.frames, cfg.decoded_latents) == (256, 256, 81, 1)
+    assert (cfg.backprop_strategy, cfg.backprop_steps) == ("tail", 1)
+
+
+BAD = [
+    ("expert", {"expert": "middle"}),
+    ("high_noise_model", {"high_noise_model": "/nope/high.safetensors"}),
+    ("vae", {"vae": None}),
+    ("output_dir", {"output_dir": ""}),
+    ("rewards", {"rewards": []}),
+    ("rewards[0].model", {"rewards": [{"model": "pickscore", "path": "x"}]}),
+    ("rewards[0].weight", {"rewards": [{"model": "hps", "path": "hps.pt", "weight": "heavy"}]}),
+    ("lora_rank", {"lora_rank": 0}),
+    ("lora_rank", {"lora_rank": 4.5}),
+    ("learning_rate", {"learning_rate": 5}),
+    ("height", {"height": 250}),
+    ("frames", {"frames": 80}),
+    ("guidance_scale", {"guidance_scale": 0.5}),
+    ("boundary", {"boundary": 1.5}),
+    ("backprop_strategy", {"backprop_strategy": "everything"}),
+    ("backprop_steps", {"backprop_steps": 30}),  # low-noise expert has 26 of 40 steps
+    ("decoded_latents", {"decoded_latents": 22}),
+    ("mixed_precision", {"mixed_precision": "fp8"}),
+    ("lr_scheduler", {"lr_scheduler": "exotic"}),
+    ("prompt_embeddings", {"prompt_embeddings": None}),
+    ("tokenizer", {"prompt_embeddings": None, "text_encoder": "high.safetensors"}),
+    ("prompts", {"prompts": ["  "]}),
+    ("validation_prompts", {"validation_every": 10}),
+    ("ema_last_checkpoints", {"ema_last_checkpoints": 5, "checkpoints_keep": 2}),
+    ("gradient_checkpointing", {"gradient_checkpointing": "yes"}),
+    ("max_stepz", {"max_stepz": 10}),
+    ("output_name", {"output_name": "../escape"}),
+]
+
+
+@pytest.mark.parametrize("field_name,change", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_config_names_the_field(files, field_name, change):
+    data = good(files)
+    data.update(change)
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, base_dir=files)
+    assert info.value.field == field_name
+    assert f"'{field_name}'" in str(info.value)
+
+
+def test_yaml_relative_paths_and_cli_exit_code(files, tmp_path):
+    data = good(files)
+    data["vae"] = "vae.safetensors"  # relative to the YAML's folder
+    (files / "run.yaml").write_text(yaml.safe_dump(data))
+    assert load_config(files / "run.yaml").vae == str(files / "vae.safetensors")
+
+    data["vae"] = str(files / "vae.safetensors")
+    data["frames"] = 82
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, str(PACK / "training" / "train_reward_lora.py"), "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == EXIT_CONFIG
+    event = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert event["event"] == "error" and event["kind"] == "config" and event["field"] == "frames"
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "--config"
