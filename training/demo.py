@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default="demo_output")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # tiny models: one thread is fastest, and several threads on a busy machine stall (x50)
+    torch.set_num_threads(1)
     from .lora_format import match_lora, read_lora
     from .trainer.config import load_config
     from .trainer.loop import train
