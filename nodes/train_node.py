@@ -169,7 +169,8 @@ class WanRewardLoraTrain(io.ComfyNode):
                 io.Float.Input("shift", default=5.0, min=0.1, max=30.0, step=0.1, optional=True),
                 io.Float.Input("boundary", default=0.9, min=0.01, max=0.99, step=0.005, optional=True,
                                tooltip="Expert switch: 0.875 text-to-video, 0.9 image-to-video / Fun InP."),
-                io.Int.Input("seed", default=42, min=0, max=2 ** 31 - 1, optional=True),
+                io.Int.Input("seed", default=42, min=0, max=2 ** 31 - 1, optional=True, control_after_generate=False,
+                             tooltip="Training seed (fixed: a resumed run keeps it)."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000, optional=True),
             ],
             outputs=[

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.comfyui
 PROMPTS = ["a red fox running through snow", "a sailboat on a calm lake at sunset"]
 
 
-@pytest.fixture(scope="module")
-def tiny_models(comfyui):
+def write_tiny_models(comfyui):
+    """Tiny experts, VAE, HPS and prompt embeddings in the server's folders (once per server)."""
+    if (comfyui.input / "tiny_prompt_embeddings.safetensors").exists():
+        return comfyui
     save_safetensors(tiny_wan_state_dict(seed=1), comfyui.model_path("diffusion_models", "tiny_train_high.safetensors"))
     save_safetensors(tiny_wan_state_dict(seed=2), comfyui.model_path("diffusion_models", "tiny_train_low.safetensors"))
     save_safetensors(tiny_vae_state_dict(seed=3), comfyui.model_path("vae", "tiny_train_vae.safetensors"))
@@ -29,6 +31,11 @@ def tiny_models(comfyui):
     write_prompt_embeddings(comfyui.input / "tiny_prompt_embeddings.safetensors",
                             random_prompt_embeddings([""] + PROMPTS))
     return comfyui
+
+
+@pytest.fixture(scope="module")
+def tiny_models(comfyui):
+    return write_tiny_models(comfyui)
 
 
 def train_prompt(output_name: str, steps: int, checkpoint_every: int = 0, resume: bool = True, **extra) -> dict:

@@ -53,6 +53,11 @@ PROMPT = ("A red fox trots through fresh snow in a pine forest at golden hour, i
           "the camera tracking beside it at ground level.")
 
 
+def has_control(name: str, opts: dict) -> bool:
+    """The frontend adds a control_after_generate widget when asked, and by default to seed/noise_seed."""
+    return bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
+
+
 def _widget_spec(spec) -> tuple[bool, dict]:
     kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
     is_widget = (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
@@ -78,7 +83,7 @@ def widget_names(info: dict) -> list[str]:
     for name, _, opts, is_widget in input_specs(info):
         if is_widget:
             names.append(name)
-            if opts.get("control_after_generate"):
+            if has_control(name, opts):
                 names.append(f"{name}.control")
             if opts.get("image_upload"):
                 names.append("upload")
@@ -114,7 +119,7 @@ class Graph:
             else:
                 value = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
             values.append(value)
-            if opts.get("control_after_generate"):
+            if has_control(name, opts):
                 values.append(widgets.pop(f"{name}.control", "fixed"))
             if opts.get("image_upload"):
                 values.append(widgets.pop("upload", "image"))  # the upload button's value
@@ -238,7 +243,7 @@ def decode_and_save(g: Graph, x: int, y: int, samples, vae, prefix: str):
     g.link(vae, 0, dec, "vae")
     video = g.node("CreateVideo", (x, y + 80), {"fps": 16})
     g.link(dec, 0, video, "images")
-    save = g.node("SaveVideo", (x + 240, y), {"filename_prefix": prefix, "format": "auto", "codec": "auto"},
+    save = g.node("SaveVideo", (x + 360, y), {"filename_prefix": prefix, "format": "auto", "codec": "auto"},
                   size=[400, 400])
     g.link(video, 0, save, "video")
     return dec
