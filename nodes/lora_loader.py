@@ -15,7 +15,7 @@ import comfy.lora
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..training.lora_format import (STRENGTH_LIMIT, LoadedLora, LoraInputError, check_strength,
+from ..training.lora_format import (CANONICAL_PREFIX, STRENGTH_LIMIT, LoadedLora, LoraInputError, check_strength,
                                     match_lora, read_lora)
 from ..training.lora_pairing import partner_name
 
@@ -61,7 +61,9 @@ def apply_lora(model, lora_name: str, strength, expert: str, other_name: str, fi
     if strength == 0:
         report.notes.append("strength 0: LoRA not applied")
         return model, report.render()
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    # canonical module prefix -> the model key it patches; ComfyUI's generic key map
+    # (model_lora_keys_unet) maps the same names, but for every module of the model
+    key_map = {CANONICAL_PREFIX + m: report.targets[m] for m in report.matched}
     patches = comfy.lora.load_lora(lora.subset(report.matched), key_map, log_missing=False)
     patched = model.clone()
     applied = set(patched.add_patches(patches, strength))

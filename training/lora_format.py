@@ -225,6 +225,7 @@ class LoadReport:
     strength: float | None = None
     modules_in_file: int = 0
     matched: list[str] = field(default_factory=list)
+    targets: dict[str, str] = field(default_factory=dict)       # matched module -> model key it patches
     unmatched: dict[str, str] = field(default_factory=dict)      # key -> why
     shape_mismatches: list[ShapeMismatch] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)
@@ -303,8 +304,8 @@ def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
     ``model_shapes``: parameter name (with or without ``diffusion_model.``) -> tensor
     or shape. ``expert``: "high"/"low" when known, for the seed-specific advice.
     """
-    shapes = {k[len(CANONICAL_PREFIX):] if k.startswith(CANONICAL_PREFIX) else k: _shape(v)
-              for k, v in model_shapes.items()}
+    original = {k[len(CANONICAL_PREFIX):] if k.startswith(CANONICAL_PREFIX) else k: k for k in model_shapes}
+    shapes = {native: _shape(model_shapes[key]) for native, key in original.items()}
     report = LoadReport(slot=slot, file=lora.path.name, format=lora.format, strength=strength,
                         modules_in_file=len(lora.modules), metadata=dict(lora.metadata),
                         notes=list(lora.notes))
@@ -313,6 +314,7 @@ def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
         why = _check_module(lora, native, parts, shapes, report)
         if why is None:
             report.matched.append(native)
+            report.targets[native] = original[f"{native}.weight" if f"{native}.weight" in shapes else native]
             if DOWN in parts:
                 report.ranks.append(int(lora.tensors[parts[DOWN]].shape[0]))
                 alpha = lora.tensors.get(parts.get(ALPHA, ""))
