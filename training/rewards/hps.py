@@ -102,11 +102,18 @@ class HPSRewardModel(RewardModel):
         return (image * text.to(image.dtype)).sum(-1)
 
 
+def _fill_causal_mask(clip) -> list[str]:
+    """open_clip's text attention mask (not in checkpoints): -inf above the diagonal, 0 elsewhere."""
+    n = clip.attn_mask.shape[0]
+    clip.attn_mask.copy_(torch.full((n, n), float("-inf")).triu_(1))
+    return ["attn_mask"]
+
+
 def build_hps(state_dict, preprocess: str = "reference") -> HPSRewardModel:
     """Build the model for ``state_dict`` (open_clip keys) and load it strictly."""
-    from .registry import load_strict
+    from .registry import build_uninitialised, load_strict
 
     config = infer_hps_config(state_dict)
-    clip = build_open_clip_model(config)
+    clip = build_uninitialised(lambda: build_open_clip_model(config), _fill_causal_mask)
     load_strict(clip, state_dict, "HPS (open_clip CLIP)")
     return HPSRewardModel(clip, config, preprocess)

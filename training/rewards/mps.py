@@ -155,11 +155,21 @@ class MPSRewardModel(RewardModel):
         return cosine
 
 
+def _fill_position_ids(network) -> list[str]:
+    """HF CLIP's ``position_ids`` buffers (not in checkpoints since transformers 4.31)."""
+    filled = []
+    for name, buffer in network.named_buffers():
+        if name.endswith("embeddings.position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+            filled.append(name)
+    return filled
+
+
 def build_mps(state_dict, variant: str | None = None, preprocess: str = "reference") -> MPSRewardModel:
     """Build the model for ``state_dict`` (keys ``model.*`` and ``cross_model.*``) and load it strictly."""
-    from .registry import load_strict
+    from .registry import build_uninitialised, load_strict
 
     clip_config, cross_config = infer_mps_config(state_dict)
-    network = MPSNetwork(clip_config, cross_config)
+    network = build_uninitialised(lambda: MPSNetwork(clip_config, cross_config), _fill_position_ids)
     load_strict(network, state_dict, "MPS (HF CLIPModel + cross model)")
     return MPSRewardModel(network, clip_config, cross_config, variant or "official", preprocess)

@@ -124,6 +124,22 @@ def load_strict(module: torch.nn.Module, state_dict, what: str) -> None:
         )
 
 
+def build_uninitialised(factory, fill_buffers) -> torch.nn.Module:
+    """Build ``factory()`` without its random initialisation (1B parameters take ~20 s to
+    initialise on a small CPU, only to be overwritten): construct on the meta device, allocate,
+    then ``fill_buffers(module)`` recomputes the non-persistent buffers (they are not in a
+    checkpoint). Every other tensor must then come from a strict ``load_state_dict``."""
+    with torch.device("meta"):
+        module = factory()
+    persistent = set(module.state_dict())
+    module = module.to_empty(device="cpu")
+    filled = fill_buffers(module)
+    missing = {n for n, _ in module.named_buffers() if n not in persistent} - set(filled)
+    if missing:  # a library version added a buffer we cannot recompute: initialise normally
+        return factory()
+    return module
+
+
 def _clean_mps(state_dict) -> dict:
     """Drop buffers older transformers saved (``position_ids``) and cached rotary tables."""
     return {k: v for k, v in state_dict.items()
