@@ -120,6 +120,16 @@ def test_canonical_file_round_trip(tmp_path):
     assert "effective scale alpha/rank = 0.5 (x strength = 0.35)" in report.render()
 
 
+def test_any_format_converts_to_a_canonical_file(tmp_path):
+    lora = random_lora(BASE, MODULES, rank=4, alpha=2.0, seed=10)
+    tensors = {}
+    for module, (up, down, alpha) in lora.items():
+        tensors |= FORMATS["lycoris_ai_toolkit"](module, up, down, alpha)
+    modules = read_lora(_write(tmp_path, "l.safetensors", tensors)).as_modules()
+    assert set(modules) == set(MODULES) and all(a == 2.0 for _, _, a in modules.values())
+    _assert_merged(save_canonical_lora(tmp_path / "c.safetensors", modules, {}), lora)
+
+
 def test_save_refuses_non_native_names_and_rank_mismatch(tmp_path):
     up, down = torch.zeros(128, 4), torch.zeros(4, 128)
     with pytest.raises(ValueError, match="attn1.to_q"):

@@ -73,6 +73,16 @@ class LoadedLora:
     unrecognised: dict[str, str] = field(default_factory=dict)  # file key -> why
     notes: list[str] = field(default_factory=list)
 
+    def as_modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+        """{native module: (up, down, alpha or None)}, the shape ``save_canonical_lora`` takes."""
+        out = {}
+        for native, parts in self.modules.items():
+            if UP in parts and DOWN in parts:
+                alpha = self.tensors.get(parts.get(ALPHA, ""))
+                out[native] = (self.tensors[parts[UP]], self.tensors[parts[DOWN]],
+                               None if alpha is None else float(alpha.float().item()))
+        return out
+
     def subset(self, modules: Iterable[str]) -> dict[str, torch.Tensor]:
         """Canonical tensors of the given modules only (same tensor objects)."""
         return {key: self.tensors[key] for m in modules for key in self.modules[m].values()}
