@@ -158,20 +158,21 @@ def canonical_key(native: str, part: str) -> str:
 
 
 def describe_source(parsed: list[ParsedKey], namespace: str) -> str:
-    """Human name of the format, e.g. 'VideoX-Fun (lora_unet__...)'."""
-    sources = sorted({k.source for k in parsed})
+    """Human name of the format, e.g. 'VideoX-Fun, lora_up/lora_down'."""
     names = []
-    for source in sources:
+    for source in sorted({k.source for k in parsed}):
         if source == "ComfyUI" and namespace == "diffusers":
             names.append("finetrainers (diffusion_model. + diffusers names)")
+        elif source == "" and any(k.peft_default and k.source == "" for k in parsed):
+            names.append("DiffSynth-Studio/PEFT (no prefix, .default.)")
         elif source == "":
-            bare = "bare diffusers names" if namespace == "diffusers" else "bare native names"
-            if any(k.peft_default and k.source == "" for k in parsed):
-                bare = "DiffSynth-Studio/PEFT (no prefix, .default.)"
-            names.append(bare)
+            names.append(f"bare {namespace} names")
+        elif namespace == "diffusers" and source in ("diffusers/PEFT", "PEFT", "DiffSynth-Studio"):
+            names.append(f"{source} (diffusers names)")
         else:
-            names.append(source + (" (diffusers names)" if namespace == "diffusers" and source in ("diffusers/PEFT", "PEFT", "DiffSynth-Studio") else ""))
-    style = "lora_A/lora_B" if any(k.peft_names for k in parsed) else "lora_up/lora_down"
+            names.append(source)
     if not any(k.part in (UP, DOWN) for k in parsed):
         style = "no up/down pairs"
+    else:
+        style = "lora_A/lora_B" if any(k.peft_names for k in parsed) else "lora_up/lora_down"
     return f"{' + '.join(names) or 'unknown'}, {style}"
