@@ -150,7 +150,7 @@ class WanRewardLoraTrain(io.ComfyNode):
                 io.String.Input("gpus", default="auto",
                                 tooltip="auto (every visible GPU), a count (2), ids (0,1), or cpu[:N]."),
                 io.Combo.Input("deepspeed", options=list(PRESETS), default="zero3_offload",
-                               tooltip="zero3_offload: ZeRO-3 with CPU offload (least GPU memory); zero2; "
+                               tooltip="zero3_offload: ZeRO-3 with CPU offload (least GPU memory); zero3; zero2; "
                                        "none: plain data parallel."),
                 io.String.Input("output_name", default="wan_reward_lora",
                                 tooltip="LoRA file name in the loras folder (no folders)."),

@@ -80,12 +80,13 @@ def test_train_node_registered(comfyui):
     info = comfyui.object_info()["WanRewardLoraTrain"]
     assert info["display_name"] == "Reward LoRA Train"
     assert info["output"] == ["COMBO", "IMAGE", "STRING"]
-    assert info["input"]["required"]["deepspeed"][1]["options"] == ["zero3_offload", "zero2", "none"]
+    assert info["input"]["required"]["deepspeed"][1]["options"] == ["zero3_offload", "zero3", "zero2", "none"]
 
 
 def test_tiny_training_end_to_end_and_lora_loads(tiny_models):
     comfyui = tiny_models
-    graph = train_prompt("tiny_e2e", steps=3)  # train, then load the result in the same prompt
+    # the default preset (ZeRO-3 + CPU offload) on 2 CPU processes; train, then load the result in one prompt
+    graph = train_prompt("tiny_e2e", steps=3, deepspeed="zero3_offload")
     graph.update({
         "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_high.safetensors", "weight_dtype": "default"}},
         "3": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_low.safetensors", "weight_dtype": "default"}},
@@ -102,7 +103,7 @@ def test_tiny_training_end_to_end_and_lora_loads(tiny_models):
     assert outputs["1"]["images"], "the reward curve preview is missing"
     events = _events(comfyui, "tiny_e2e")
     started = next(e for e in events if e["event"] == "started")
-    assert started["world_size"] == 2
+    assert started["world_size"] == 2 and started["deepspeed"]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
     # the loader lists it ...
     assert "tiny_e2e.safetensors" in comfyui.get("/models/loras").json()

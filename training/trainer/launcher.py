@@ -32,11 +32,14 @@ from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, STOP_FILE
 TRAINING_DIR = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPT = TRAINING_DIR / "train_reward_lora.py"
 CONFIGS_DIR = TRAINING_DIR / "configs"
-# DeepSpeed presets -> accelerate config files in training/configs/ (None: plain DDP, no DeepSpeed)
+PACK_ROOT = TRAINING_DIR.parent  # the presets name their DeepSpeed JSON relative to it: launch from here
+# DeepSpeed presets -> accelerate config files in training/configs/ for (GPU runs, CPU runs);
+# --num_processes overrides the files' count. None: no DeepSpeed (plain DDP / one process).
 PRESETS = {
-    "zero3_offload": "accelerate_zero3_offload.yaml",
-    "zero2": "accelerate_zero2.yaml",
-    "none": None,
+    "zero3_offload": ("accelerate_zero3_offload.yaml", "accelerate_cpu_zero3_offload_2proc.yaml"),
+    "zero3": ("accelerate_zero3_multi_gpu.yaml", None),
+    "zero2": ("accelerate_zero2_multi_gpu.yaml", None),
+    "none": (None, None),
 }
 LOG_FILE = "train.log"
 
@@ -104,12 +107,15 @@ def _visible_text(visible: int) -> str:
 
 # ---- command and environment -----------------------------------------------------------
 
-def preset_config_file(preset: str) -> Path | None:
+def preset_config_file(preset: str, cpu: bool = False) -> Path | None:
     if preset not in PRESETS:
         raise LaunchError(f"deepspeed preset '{preset}' is unknown; choose one of {', '.join(PRESETS)}")
-    name = PRESETS[preset]
-    if name is None:
+    gpu_file, cpu_file = PRESETS[preset]
+    if preset == "none":
         return None
+    name = cpu_file if cpu else gpu_file
+    if name is None:
+        raise LaunchError(f"deepspeed preset '{preset}' needs GPUs; on CPU use zero3_offload or none")
     path = CONFIGS_DIR / name
     if not path.is_file():
         raise LaunchError(f"deepspeed preset '{preset}': its accelerate config {path} is missing; "
@@ -127,7 +133,7 @@ def build_command(config_path: str | os.PathLike, devices: DeviceChoice, preset:
                   python: str | None = None, port: int | None = None) -> list[str]:
     """``python -m accelerate.commands.launch [...] training/train_reward_lora.py --config run.yaml``."""
     cmd = [python or sys.executable, "-m", "accelerate.commands.launch"]
-    preset_file = preset_config_file(preset)
+    preset_file = preset_config_file(preset, cpu=devices.cpu)
     if preset_file is not None:
         cmd += ["--config_file", str(preset_file)]
     elif devices.num_processes > 1:
@@ -249,7 +255,7 @@ class TrainerProcess:
         self.command = command
         self.env = env
         self.output_dir = Path(output_dir)
-        self.cwd = str(cwd or self.output_dir)
+        self.cwd = str(cwd or PACK_ROOT)
         self.events: list[dict] = []
         self._queue: "queue.Queue[dict]" = queue.Queue()
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
