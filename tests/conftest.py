@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
     if comfyui_path() is None:
         skip = pytest.mark.skip(reason=COMFYUI_SKIP_REASON)
         for item in items:
-            if "comfyui" in item.keywords:
+            if item.get_closest_marker("comfyui") is not None:
                 item.add_marker(skip)
 
 
