@@ -198,7 +198,9 @@ class WanRewardLoraTrain(io.ComfyNode):
         run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / name
         run_dir.mkdir(parents=True, exist_ok=True)
         config = cls._config(locals(), name, run_dir, devices)
-        lock = DeviceLock(devices.lock_keys, owner=f"ComfyUI node {cls.hidden.unique_id}, output {name!r}")
+        run_key = "run-" + re.sub(r"[^A-Za-z0-9._-]", "_", name)  # one run per output folder, too
+        lock = DeviceLock(devices.lock_keys + [run_key],
+                          owner=f"ComfyUI node {cls.hidden.unique_id}, output {name!r}")
         try:
             lock.acquire()
         except LaunchError as exc:
@@ -292,7 +294,7 @@ class WanRewardLoraTrain(io.ComfyNode):
             mm.soft_empty_cache(True)
         node_id = cls.hidden.unique_id
         prompt_id = _current_prompt_id()
-        process = TrainerProcess(command, build_env(devices), run_dir).start()
+        process = TrainerProcess(command, build_env(devices, threads=devices.cpu_threads()), run_dir).start()
         bar = comfy.utils.ProgressBar(int(config["max_steps"]), node_id=node_id)
         try:
             while True:

@@ -172,7 +172,10 @@ def test_lock_refuses_second_run_on_same_devices(tmp_path):
     first = DeviceLock(["gpu0", "gpu1"], owner="run A", folder=tmp_path).acquire()
     with pytest.raises(LaunchError, match="GPU 1 is already training \\(run A pid"):
         DeviceLock(["gpu1", "gpu2"], owner="run B", folder=tmp_path).acquire()
-    other = DeviceLock(["gpu2"], owner="run C", folder=tmp_path).acquire()  # disjoint: fine
+    other = DeviceLock(["gpu2", "run-x"], owner="run C", folder=tmp_path).acquire()  # disjoint: fine
+    with pytest.raises(LaunchError, match="the run 'x' is already training"):
+        DeviceLock(["gpu3", "run-x"], folder=tmp_path).acquire()
+    DeviceLock(["gpu3"], folder=tmp_path).acquire().release()  # the failed attempt released gpu3
     other.release()
     first.release()
     with DeviceLock(["gpu1"], owner="run B", folder=tmp_path):
@@ -210,3 +213,29 @@ def test_failure_hints():
     crash = RunResult(-9, [], log_tail="Killed")
     assert "exited with code -9" in failure_message(crash)
     assert os.path.basename(launcher.LOG_FILE) == "train.log"
+
+
+def test_curve_and_scores_from_events():
+    from training.trainer.curves import final_scores, plot_training_curve, step_series
+
+    events = [{"event": "started", "step": 0}]
+    events += [{"event": "step", "step": i, "reward": 0.1 * i, "loss": 1 - 0.1 * i, "rewards": {"hps": 0.1 * i}}
+               for i in range(1, 6)]
+    events += [{"event": "step", "step": 5, "reward": 0.55, "loss": 0.45, "rewards": {"hps": 0.55}},  # resumed
+               {"event": "step", "step": 6, "reward": 0.6, "loss": 0.4, "rewards": {"hps": 0.6}},
+               {"event": "warning", "step": 6, "message": "reward gaming suspected"},
+               {"event": "finished", "step": 6, "reason": "completed", "lora_path": "/x.safetensors"}]
+    steps, rewards, losses = step_series(events)
+    assert steps == [1, 2, 3, 4, 5, 6] and rewards[4] == 0.55 and losses[-1] == 0.4
+    summary = final_scores(events)
+    assert summary["steps"] == 6 and summary["reason"] == "completed" and summary["reward_first"] == 0.1
+    assert summary["reward_last"] == 0.6 and summary["rewards_last"] == {"hps": 0.6}
+    assert summary["warnings"] == ["reward gaming suspected"]
+    image = plot_training_curve(events, width=320, height=160)
+    assert image.shape == (1, 160, 320, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
+    px = (image[0] * 255).round()
+    blue = ((px[..., 2] > 150) & (px[..., 0] < 80)).sum()
+    orange = ((px[..., 0] > 150) & (px[..., 2] < 80)).sum()
+    assert blue > 50 and orange > 50  # both curves drawn
+    empty = plot_training_curve([], width=320, height=160)
+    assert ((empty[0] * 255).round()[..., 2] > 150).logical_and((empty[0] * 255).round()[..., 0] < 80).sum() < 50

@@ -65,6 +65,10 @@ class DeviceChoice:
     def lock_keys(self) -> list[str]:
         return [f"gpu{g}" for g in self.gpu_ids] if self.gpu_ids else ["cpu"]
 
+    def cpu_threads(self) -> int | None:
+        """Threads per CPU process (the cores shared out), None for GPU runs."""
+        return max(1, (os.cpu_count() or 1) // self.num_processes) if self.cpu else None
+
 
 def parse_devices(text: str, visible_gpus: int) -> DeviceChoice:
     """``"auto"``/``""`` (every visible GPU, else 1 CPU process), ``"2"`` (the first 2 GPUs),
@@ -189,7 +193,8 @@ class DeviceLock:
                 holder = handle.read().strip() or "another run"
                 handle.close()
                 self.release()
-                what = "the CPU training slot" if key == "cpu" else f"GPU {key[3:]}"
+                what = ("the CPU training slot" if key == "cpu" else f"GPU {key[3:]}" if key.startswith("gpu")
+                        else f"the run {key.split('-', 1)[-1]!r}")
                 raise LaunchError(f"{what} is already training ({holder}); wait for that run to finish, "
                                   "cancel it, or choose other GPUs") from None
             handle.seek(0)
