@@ -271,6 +271,15 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _current_memory_mb(device) -> float:
+    """Memory held now (GPU allocated, or this process's resident set on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
 def _save_pngs(frames: torch.Tensor, folder: Path, step: int) -> list[str]:
     from PIL import Image
 
@@ -374,7 +383,8 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     progress.emit("started", step=start, max_steps=cfg.max_steps, expert=cfg.expert, world_size=world,
                   output_dir=str(output), lora_path=str(cfg.lora_path), config_hash=cfg.config_hash(),
                   resumed_from=resumed_from, adapted_modules=len(adapted), deepspeed=use_ds,
-                  gradient_clipping=float(model.gradient_clipping()) if use_ds else cfg.max_grad_norm)
+                  gradient_clipping=float(model.gradient_clipping()) if use_ds else cfg.max_grad_norm,
+                  memory_at_start_mb=round(_current_memory_mb(device), 1))
 
     saved = {"step": None}
 

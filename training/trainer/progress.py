@@ -7,10 +7,12 @@ appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`
 ``time``, a Unix timestamp):
 
   started     step (first step to run, > 0 on resume), max_steps, expert, world_size,
-              output_dir, lora_path, config_hash, resumed_from (checkpoint dir or null)
+              output_dir, lora_path, config_hash, resumed_from (checkpoint dir or null),
+              deepspeed (bool), gradient_clipping, memory_at_start_mb, adapted_modules
   step        step (1-based, completed optimizer steps), max_steps, loss, reward (weighted
               mean of the training rewards), rewards {name: mean}, lr, grad_norm (before
-              clipping, null if unknown), seconds (this step), peak_memory_mb, eta_seconds
+              clipping, null if unknown), seconds (this step), peak_memory_mb (GPU: peak
+              allocated this step; CPU: the process's peak resident set), eta_seconds
   checkpoint  step, path (checkpoint folder), lora_path, reason (periodic|stop|save_now|final)
   validation  step, rewards {name: mean over validation prompts}, held_out {name: mean},
               motion, best (bool: new best held-out score), best_lora_path
