@@ -106,3 +106,11 @@ def test_yaml_is_safe_loaded(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.field == "--config"
+
+
+@pytest.mark.parametrize("preset", ["seed_recipe_low_hps.yaml", "seed_recipe_high_mps.yaml"])
+def test_seed_presets_are_valid_and_are_the_seed_recipe(preset):
+    cfg = load_config(PACK / "training" / "configs" / preset, check_files=False)
+    assert cfg.expert == ("low" if "low" in preset else "high")
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.learning_rate, cfg.max_grad_norm) == (128, 64.0, 1e-5, 0.3)
+    assert (cfg.inference_steps, cfg.boundary, cfg.shift, cfg.decoded_latents) == (40, 0.9, 5.0, 1)
