@@ -138,3 +138,132 @@ def test_workflows_are_up_to_date(comfyui):
     info = comfyui.object_info()
     for name, make in build.WORKFLOWS.items():
         assert make(info) == load(WORKFLOWS / name), f"{name} is out of date: run workflows/build_workflows.py"
+
+
+# ---- (c) and (d) run with tiny models ------------------------------------------------------------
+
+def ui_to_api(workflow: dict, info: dict) -> dict:
+    """The API prompt ComfyUI's "Export (API)" would write for an active UI workflow."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4):
+            continue
+        inputs = {name: value for name, value in zip(build.widget_names(info[node["type"]]), node["widgets_values"])
+                  if not name.endswith(".control") and name != "upload"}
+        for inp in node["inputs"]:
+            if inp["link"] is not None:
+                link = links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def _write_tiny_files(comfyui) -> None:
+    """Tiny random models under the workflows' real file names (so no name is substituted)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from tiny_wan import linear_module_names, random_lora, tiny_wan_state_dict
+    from training.rewards.tiny import write_tiny_hps_checkpoint, write_tiny_mps_checkpoint
+    from training.safe_io import save_safetensors
+    from training.tiny_models import tiny_vae_state_dict
+
+    if (comfyui.input / "example.png").exists():
+        return
+    experts = {}
+    for i, key in enumerate(("inp_high", "inp_low", "t2v_high", "t2v_low")):
+        sd = tiny_wan_state_dict(seed=20 + i, **({} if key.startswith("inp") else {"in_dim": 16}))
+        save_file(sd, comfyui.model_path("diffusion_models", build.MODELS[key][0]))
+        experts[key] = sd
+    # ComfyUI's Wan VAE has a fixed width (96), so this one is full size (random, bf16: 250 MB)
+    vae = {k: v.to(torch.bfloat16) for k, v in tiny_vae_state_dict(seed=3, base_dim=96).items()}
+    save_safetensors(vae, comfyui.model_path("vae", build.MODELS["vae"][0]))
+    for key, expert in (("hps_high", "inp_high"), ("hps_low", "inp_low"), ("lightx2v_high", "t2v_high"),
+                        ("lightx2v_low", "t2v_low")):
+        lora = random_lora(experts[expert], linear_module_names(), rank=4, alpha=4.0, seed=len(key))
+        tensors = {}
+        for module, (up, down, alpha) in lora.items():
+            base = "lora_unet__" + module.replace(".", "_")
+            tensors |= {f"{base}.lora_up.weight": up, f"{base}.lora_down.weight": down,
+                        f"{base}.alpha": torch.tensor(alpha)}
+        save_file(tensors, comfyui.model_path("loras", build.MODELS[key][0]))
+    write_tiny_hps_checkpoint(comfyui.model_path("reward_models", build.MODELS["hps"][0]), seed=0)
+    write_tiny_mps_checkpoint(comfyui.model_path("reward_models", build.MPS_FILE), seed=0)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(comfyui.input / "example.png")
+
+
+def tiny_prompt(comfyui, workflow: dict, run_name: str) -> dict:
+    """The workflow as an API prompt on tiny models: umt5 replaced by seeded random conditioning
+    (ComfyUI's umt5 loader has a fixed xxl size), small frames, few steps, CPU training."""
+    from training.tiny_models import random_prompt_embeddings
+    from training.trainer.models import write_prompt_embeddings
+
+    _write_tiny_files(comfyui)
+    info = comfyui.object_info()
+    prompt = ui_to_api(workflow, info)
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPLoader":
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {"class_type": "ProbeRandomConditioning", "inputs": {"text": inputs["text"], "length": 8}}
+        elif kind in ("EmptyHunyuanLatentVideo", "WanFunInpaintToVideo"):
+            inputs.update(width=32, height=32, length=5)
+        elif kind == "KSamplerAdvanced":
+            inputs.update(steps=4)
+            inputs.update(end_at_step=2) if inputs["start_at_step"] == 0 else inputs.update(start_at_step=2)
+        elif kind == "WanRewardLoraTrain":
+            prompts = [p.strip() for p in inputs["prompts"].splitlines() if p.strip()]
+            embeddings = comfyui.input / f"{run_name}_embeddings.safetensors"
+            write_prompt_embeddings(embeddings, random_prompt_embeddings([""] + prompts))
+            inputs.pop("clip")
+            inputs.update(prompt_embeddings=embeddings.name, steps=2, rank=4, alpha=4.0, width=32, height=32,
+                          frames=5, gpus="cpu:2", deepspeed="none", inference_steps=8, guidance_scale=3.0,
+                          checkpoint_every=0, output_name=run_name, resume=False)
+    return prompt
+
+
+@pytest.mark.comfyui
+def test_score_and_compare_runs_with_tiny_models(comfyui):
+    workflow = load(WORKFLOWS / "reward_lora_score_and_compare.json")
+    outputs = comfyui.run(tiny_prompt(comfyui, workflow, "unused"), timeout=600)
+    by_type = {}
+    for node_id, out in outputs.items():
+        by_type.setdefault(next(n["type"] for n in workflow["nodes"] if str(n["id"]) == node_id), []).append(out)
+    assert len(by_type["WanRewardScoreFrames"]) == 22
+    sheet = by_type["SaveImage"][0]["images"][0]
+    assert (comfyui.output / sheet["subfolder"] / sheet["filename"]).is_file()
+    cells = json.loads(by_type["PreviewAny"][0]["text"][0])
+    assert len(cells) == 18 and {(c["high"], c["low"]) for c in cells} == {
+        (h, lo) for h in (0.0, 0.5, 1.0) for lo in (0.0, 0.5, 1.0)}
+    assert {c["model"] for c in cells} == {"hps", "mps"}
+    by_cell = {(c["high"], c["low"], c["model"]): c["scores"] for c in cells}
+    # different strengths give different videos, hence different scores
+    hps = [by_cell[(h, lo, "hps")]["mean"] for h in (0.0, 0.5, 1.0) for lo in (0.0, 0.5, 1.0)]
+    assert len({round(v, 6) for v in hps}) > 1
+    # strength 0 on both experts samples the base model: the grid's corner scores as the A/B baseline,
+    # and strength 1/1 as the A/B "with reward LoRAs" side
+    text = {n.get("title"): outputs[str(n["id"])]["text"][0] for n in workflow["nodes"]
+            if n["type"] == "WanRewardScoreFrames"}
+    assert text["HPS v2.1: without reward LoRAs"] == text["HPS v2.1: high 0.0 / low 0.0"]
+    assert text["MPS: with reward LoRAs"] == text["MPS: high 1.0 / low 1.0"]
+    assert text["HPS v2.1: with reward LoRAs"] != text["HPS v2.1: without reward LoRAs"]
+    assert "motion" in json.dumps(by_cell[(1.0, 1.0, "mps")])
+    assert by_type["SaveVideo"], "the side-by-side video was not saved"
+
+
+@pytest.mark.comfyui
+def test_train_and_preview_runs_with_tiny_models(comfyui):
+    workflow = load(WORKFLOWS / "reward_lora_train_and_preview.json")
+    outputs = comfyui.run(tiny_prompt(comfyui, workflow, "tiny_workflow_d"), timeout=600)
+    texts = [t for out in outputs.values() for t in out.get("text", [])]
+    report = next(t for t in texts if "keys unmatched" in t)
+    assert "keys unmatched: 0;" in report and "modules matched: 0 of" not in report, report
+    scores = json.loads(next(t for t in texts if '"reason"' in t))
+    assert scores["steps"] == 2 and scores["reason"] == "completed"
+    assert (comfyui.models / "loras" / "tiny_workflow_d.safetensors").is_file()
+    assert any("images" in out for out in outputs.values())  # reward curve preview / video

@@ -355,16 +355,19 @@ def score_and_compare(info: dict) -> dict:
             g.link(out, 0, dec, "samples")
             g.link(vae, 0, dec, "vae")
             s_h, s_m = _scores(g, x + 700, y + 360, dec, hps, mps, PROMPT, cell)
-            for score in (s_h, s_m):
+            for score, model in ((s_h, "hps"), (s_m, "mps")):
+                # one JSON list of {"cell", "high", "low", "model", "scores"}: the labels ride in the delimiter
+                label = f'{{"cell": "{cell}", "high": {sh}, "low": {sl}, "model": "{model}", "scores": '
                 if report is None:
-                    report = score
-                    report_out = 1
-                else:
-                    joined = g.node("StringConcatenate", (x + 1060, y + 360 + (0 if score is s_h else 200)),
-                                    {"delimiter": ",\n"}, title=f"JSON + {cell}")
-                    g.link(report, report_out, joined, "string_a")
+                    joined = g.node("StringConcatenate", (x + 1060, y + 360), {"string_a": "[" + label, "delimiter": ""},
+                                    title="JSON: first cell")
                     g.link(score, 1, joined, "string_b")
-                    report, report_out = joined, 0
+                else:
+                    joined = g.node("StringConcatenate", (x + 1060, y + 360 + (0 if model == "hps" else 200)),
+                                    {"delimiter": "},\n" + label}, title=f"JSON + {cell} {model}")
+                    g.link(report, 0, joined, "string_a")
+                    g.link(score, 1, joined, "string_b")
+                report = joined
             frame = g.node("ImageFromBatch", (x + 380, y + 460), {"batch_index": 0, "length": 1},
                            title=f"First frame {cell}")
             g.link(dec, 0, frame, "image")
@@ -388,9 +391,11 @@ def score_and_compare(info: dict) -> dict:
     save_sheet = g.node("SaveImage", (x0 + 4700, 0), {"filename_prefix": "reward_lora_strength_grid"},
                         size=[600, 600])
     g.link(sheet, 0, save_sheet, "images")
-    scores_json = g.node("PreviewAny", (x0 + 4700, 700), title="Scores JSON (every cell, HPS then MPS)",
+    closed = g.node("StringConcatenate", (x0 + 4700, 650), {"string_b": "}]", "delimiter": ""}, title="JSON: close")
+    g.link(report, 0, closed, "string_a")
+    scores_json = g.node("PreviewAny", (x0 + 4700, 800), title="Scores JSON (every cell, HPS and MPS)",
                          size=[500, 400])
-    g.link(report, report_out, scores_json, "source")
+    g.link(closed, 0, scores_json, "source")
     return g.to_json()
 
 
