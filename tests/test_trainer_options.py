@@ -1,0 +1,117 @@
+"""Trainer options beyond the default path: high-noise expert, random window, several latents
+and frames, batch > 1 with accumulation, samples, the umt5 text encoder, the gaming guard,
+checkpoint averaging and the preflight refusal."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from training.demo import PROMPTS, VALIDATION_PROMPTS, write_tiny_run
+from training.lora_format import match_lora, read_lora, save_canonical_lora
+from training.trainer.config import load_config
+from training.trainer.loop import GamingGuard, average_loras, train
+from training.trainer.models import strip_prefix
+from training.trainer.progress import EXIT_PREFLIGHT, Progress, parse_events
+
+PACK = Path(__file__).resolve().parents[1]
+
+
+def _train(path: Path) -> list[dict]:
+    cfg = load_config(path)
+    out = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train(cfg, Progress(cfg.output_dir, stream=out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return parse_events(out.getvalue())
+
+
+def test_high_expert_random_window_batch_accumulation_samples(tmp_path):
+    path = write_tiny_run(tmp_path, expert="high", max_steps=2, backprop_strategy="random", backprop_random_last=2,
+                          frames=9, decoded_latents=2, reward_frames=3, batch_size=2, gradient_accumulation_steps=2,
+                          sample_every=2, validation_every=0, checkpoint_every=0, resume=False)
+    events = _train(path)
+    cfg = load_config(path)
+    samples = [e for e in events if e["event"] == "sample"]
+    assert len(samples) == 1 and len(samples[0]["paths"]) == 2 * 3  # batch x reward frames
+    assert all(Path(p).is_file() for p in samples[0]["paths"])
+    lora = read_lora(cfg.lora_path)
+    assert lora.metadata["expert"] == "high"
+    report = match_lora(lora, strip_prefix(load_file(cfg.high_noise_model)), expert="high")
+    assert len(report.matched) == 22 and not report.unmatched
+    assert any(float(t.abs().max()) > 0 for k, t in lora.tensors.items() if "lora_up" in k)
+
+
+def test_umt5_text_encoder_path(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from training.safe_io import save_safetensors
+
+    words = sorted({w for p in PROMPTS + VALIDATION_PROMPTS for w in p.split()})
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                          num_heads=4, feed_forward_proj="gated-gelu"))
+    save_safetensors({k: v for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"},
+                     tmp_path / "umt5_tiny.safetensors")
+    path = write_tiny_run(tmp_path, prompt_embeddings=None, text_encoder=str(tmp_path / "umt5_tiny.safetensors"),
+                          tokenizer=str(tmp_path / "tokenizer"), max_steps=1, validation_every=0,
+                          checkpoint_every=0, resume=False)
+    events = _train(path)
+    assert events[-1]["event"] == "finished" and [e["step"] for e in events if e["event"] == "step"] == [1]
+
+
+def test_gaming_guard_flags_training_reward_up_held_out_down():
+    guard = GamingGuard(patience=2)
+    assert guard.update(0.20, 0.50, 1.0) is None  # base
+    assert guard.update(0.25, 0.52, 1.0) is None and not guard.tripped  # both rise: fine
+    message = guard.update(0.30, 0.49, 1.0)
+    assert "held-out reward" in message and not guard.tripped
+    message = guard.update(0.35, 0.49, 0.5)  # held-out flat but motion halves
+    assert "motion" in message and guard.tripped
+    assert guard.update(0.34, 0.40, 0.4) is None and not guard.tripped  # training reward fell: reset
+
+
+def test_average_of_checkpoint_loras(tmp_path):
+    a = {"blocks.0.self_attn.q": (torch.ones(8, 2), torch.full((2, 8), 2.0), 2.0)}
+    b = {"blocks.0.self_attn.q": (torch.full((8, 2), 3.0), torch.zeros(2, 8), 2.0)}
+    paths = [save_canonical_lora(tmp_path / f"{n}.safetensors", m, {}) for n, m in (("a", a), ("b", b))]
+    up, down, alpha = average_loras(paths)["blocks.0.self_attn.q"]
+    assert torch.equal(up, torch.full((8, 2), 2.0)) and torch.equal(down, torch.ones(2, 8)) and alpha == 2.0
+
+
+def test_preflight_refuses_a14b_experts_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = yaml.safe_load(write_tiny_run(tmp_path).read_text())
+    for name in ("high_noise_model", "low_noise_model"):
+        big = tmp_path / f"{name}_a14b.safetensors"
+        with open(big, "wb") as handle:  # sparse: the size of an A14B expert, no disk used
+            handle.truncate(28 * 1024 ** 3)
+        config[name] = str(big)
+    config.update(preflight=True, mixed_precision="bf16")
+    path = tmp_path / "a14b.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, str(PACK / "training" / "train_reward_lora.py"), "--config", str(path),
+                           "--check-only"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == EXIT_PREFLIGHT
+    event = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert event["kind"] == "preflight" and "no GPU is visible" in event["message"]
