@@ -29,7 +29,7 @@ NONE = "none"
 # The LoRA name output has the combo type, so it links into a loader's lora dropdown (V1 packs return
 # the file list as the type for the same reason; V3 combo inputs check for "COMBO").
 LoraNameType = io.Custom("COMBO")
-STOP_GRACE_S = 120.0  # after Cancel: time for the trainer to save before SIGTERM
+STOP_GRACE_S = 300.0  # after Cancel: time for the trainer to finish its step and save before SIGTERM
 TERM_GRACE_S = 20.0  # after SIGTERM: time before SIGKILL
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,119}$")
 _SENT_FIELDS = ("step", "max_steps", "loss", "reward", "rewards", "eta_seconds", "seconds", "lr", "reason",
@@ -309,7 +309,9 @@ class WanRewardLoraTrain(io.ComfyNode):
                 if event["event"] in ("started", "step") and event.get("max_steps"):
                     bar.update_absolute(int(event.get("step", 0)), int(event["max_steps"]))
         except BaseException:
-            code = process.stop(grace_s=STOP_GRACE_S, kill_s=TERM_GRACE_S)
+            started = any(e.get("event") == "started" for e in process.events)
+            # still loading models: nothing to save, so no grace before SIGTERM
+            code = process.stop(grace_s=STOP_GRACE_S if started else 0.0, kill_s=TERM_GRACE_S)
             _send({"event": "cancelled", "message": f"stopped (exit code {code}); queue again with resume on "
                    "to continue from the last checkpoint"}, node_id, prompt_id)
             raise

@@ -163,3 +163,13 @@ def test_cancel_stops_every_process_and_resume_continues(tiny_models):
     started = [e for e in _events(comfyui, name) if e["event"] == "started"]
     assert len(started) == 2 and started[-1]["step"] == last and started[-1]["resumed_from"]
     assert json.loads(outputs["1"]["text"][0])["steps"] == last + 2
+
+
+def test_trainer_failure_is_a_node_error_with_log_tail(tiny_models):
+    comfyui = tiny_models
+    comfyui.model_path("diffusion_models", "broken_high.safetensors").write_bytes(b"not a safetensors file")
+    message = comfyui.run_expecting_error(train_prompt("tiny_broken", steps=1, high_noise_model="broken_high.safetensors",
+                                                       gpus="cpu"))
+    assert "Reward LoRA training failed" in message and "broken_high.safetensors" in message, message
+    assert "Last lines of the trainer log" in message
+    assert not _trainer_pids(str(comfyui.output / "wan_reward_lora" / "tiny_broken"))
