@@ -18,7 +18,7 @@ import yaml
 
 from training.demo import write_tiny_run
 from training.lora_format import match_lora, read_lora
-from training.trainer.progress import EXIT_OK, STOP_FILE, parse_events
+from training.trainer.progress import EXIT_OK, SAMPLE_NOW_FILE, SAVE_NOW_FILE, STOP_FILE, parse_events
 
 PACK = Path(__file__).resolve().parents[1]
 ENTRY = PACK / "training" / "train_reward_lora.py"
@@ -126,21 +126,29 @@ def test_stop_request_saves_then_exits(tiny, how):
     deadline = time.time() + 180
     for line in proc.stdout:
         events += parse_events(line)
-        if not requested and events and events[-1]["event"] == "step" and events[-1]["step"] >= 2:
+        last = events[-1] if events else {}
+        if not requested and last.get("event") == "step" and last["step"] >= 2:
             if how == "sigterm":
                 proc.send_signal(signal.SIGTERM)
-            else:
-                (tiny / name / STOP_FILE).touch()
+            else:  # save and sample first, then stop
+                (tiny / name / SAVE_NOW_FILE).touch()
+                (tiny / name / SAMPLE_NOW_FILE).touch()
             requested = True
+        if how == "stop_file" and last.get("event") == "checkpoint" and last["reason"] == "save_now":
+            (tiny / name / STOP_FILE).touch()
         assert time.time() < deadline
     proc.wait(timeout=60)
     assert proc.returncode == EXIT_OK
     checkpoint = [e for e in events if e["event"] == "checkpoint"]
-    assert len(checkpoint) == 1 and checkpoint[0]["reason"] == "stop"
+    assert [c["reason"] for c in checkpoint] == (["stop"] if how == "sigterm" else ["save_now", "stop"])
+    if how == "stop_file":
+        samples = [e for e in events if e["event"] == "sample"]
+        assert len(samples) == 1 and Path(samples[0]["paths"][0]).is_file()
     last_step = [e["step"] for e in events if e["event"] == "step"][-1]
-    assert checkpoint[0]["step"] == last_step < 100000
+    assert checkpoint[-1]["step"] == last_step < 100000
     assert events[-1]["event"] == "finished" and events[-1]["reason"] == "stopped"
     assert read_lora(Path(events[-1]["lora_path"])).metadata["steps"] == str(last_step)
     latest = json.loads((tiny / name / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == last_step
-    assert not (tiny / name / STOP_FILE).exists()
+    for flag in (STOP_FILE, SAVE_NOW_FILE, SAMPLE_NOW_FILE):
+        assert not (tiny / name / flag).exists()

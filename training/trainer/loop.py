@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import time
@@ -502,6 +501,3 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     accelerator.end_training()
     return EXIT_OK
 
-
-def reward_curve(events: list[dict]) -> list[float]:
-    return [e["reward"] for e in events if e.get("event") == "step" and not math.isnan(e["reward"])]

@@ -43,6 +43,9 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets, exclude: 
     inject_adapter_in_model(config, model, adapter_name="default")
     for pname, param in model.named_parameters():
         param.requires_grad_("lora_" in pname)
+        if "lora_" in pname:
+            # float32 adapters: bf16 cannot hold lr-1e-5 updates (peft forward casts the input)
+            param.data = param.data.float()
     return names
 
 

@@ -21,7 +21,7 @@ gradients and must resume at any index.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +144,3 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor], n
     # straight-through: value of the full trajectory, gradient of an identity to window_out
     return window_out + (y - window_out).detach()
 
-
-def steps_with_gradient(schedule: Schedule, window: tuple[int, int] | None) -> Sequence[int]:
-    return list(range(*window)) if window else []
