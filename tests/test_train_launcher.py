@@ -239,3 +239,27 @@ def test_curve_and_scores_from_events():
     assert blue > 50 and orange > 50  # both curves drawn
     empty = plot_training_curve([], width=320, height=160)
     assert ((empty[0] * 255).round()[..., 2] > 150).logical_and((empty[0] * 255).round()[..., 0] < 80).sum() < 50
+
+
+def test_trainers_stopped_when_the_caller_exits(tmp_path):
+    """ComfyUI shutting down (normal exit) takes its trainer runs with it."""
+    import subprocess
+
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (f"import sys, time; sys.path.insert(0, {str(launcher.PACK_ROOT)!r})\n"
+            "from training.trainer.launcher import DeviceChoice, TrainerProcess, build_env\n"
+            f"p = TrainerProcess([sys.executable, {str(script)!r}, {str(out)!r}, 'ignore_stop'], "
+            f"build_env(DeviceChoice(1)), {str(out)!r}).start()\n"
+            "while p.next_event(10)['event'] != 'step': pass\n"
+            "print(p.pgid, flush=True)\n")
+    caller = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert caller.returncode == 0, caller.stderr
+    pgid = int(caller.stdout.split()[0])
+    child = int((out / "child.pid").read_text())
+    deadline = time.monotonic() + 5
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_members(pgid) and not _alive(child)

@@ -12,6 +12,7 @@ trainer treats it like STOP), after ``kill_s`` more SIGKILL to the group.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import fcntl
 import json
@@ -282,6 +283,7 @@ class TrainerProcess:
         )
         self._reader = threading.Thread(target=self._read, name="trainer-stdout", daemon=True)
         self._reader.start()
+        _RUNNING.add(self)
         return self
 
     def _read(self) -> None:
@@ -360,12 +362,31 @@ class TrainerProcess:
         code = self.process.wait(timeout)
         if self._reader is not None:
             self._reader.join(timeout=5.0)
+        if not self.group_alive():
+            _RUNNING.discard(self)
         return code
 
     def result(self) -> RunResult:
         code = self.poll()
         return RunResult(returncode=-1 if code is None else code, events=list(self.events),
                          log_tail=self.log_tail(), stopped=self.stop_requested)
+
+
+_RUNNING: "set[TrainerProcess]" = set()
+
+
+@atexit.register
+def _stop_running_trainers() -> None:
+    """The caller exits (ComfyUI shut down): no trainer may outlive it holding the GPUs."""
+    for run in list(_RUNNING):
+        if run.process is not None and (run.process.poll() is None or run.group_alive()):
+            run._signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and any(run.group_alive() for run in _RUNNING):
+        time.sleep(0.1)
+    for run in list(_RUNNING):
+        if run.group_alive():
+            run._signal_group(signal.SIGKILL)
 
 
 def group_members(pgid: int) -> list[int]:
