@@ -115,3 +115,20 @@ def test_preflight_refuses_a14b_experts_without_gpu(tmp_path):
     assert proc.returncode == EXIT_PREFLIGHT
     event = json.loads(proc.stdout.strip().splitlines()[-1])
     assert event["kind"] == "preflight" and "no GPU is visible" in event["message"]
+
+
+def test_preflight_refuses_when_host_memory_cannot_hold_the_experts(tmp_path, monkeypatch):
+    from training.trainer.preflight import PreflightError, check_environment
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the GPU-memory check refuses first")
+    config = yaml.safe_load(write_tiny_run(tmp_path).read_text())
+    big = tmp_path / "huge.safetensors"
+    with open(big, "wb") as handle:
+        handle.truncate(4096 * 1024 ** 3)  # 4 TiB, sparse
+    config.update(high_noise_model=str(big), mixed_precision="no")
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(PreflightError, match="host memory"):
+        check_environment(load_config(path))

@@ -55,52 +55,54 @@ def deepspeed_settings() -> dict:
 
 
 def estimate_memory_gib(cfg: TrainConfig, world_size: int, ds: dict) -> tuple[float, float]:
-    """(GPU GiB per process, host GiB in all) for this preset: a coarse upper estimate.
+    """(GPU GiB per process, host GiB per process at the loading peak): coarse upper estimates.
 
-    Weights: both experts at 2 bytes per parameter (file sizes, fp8 files dequantise to
-    bf16, hence x2 for them); the trained expert is partitioned across processes under
-    ZeRO-3 and lives in host memory with param offload. Activations: one checkpointed
-    forward of the window at this resolution, roughly 0.6 GiB per 1k tokens at A14B width.
+    Weights: both experts at 2 bytes per parameter (the file sizes; fp8 files dequantise to
+    bf16, hence x2). Every process reads both experts into host memory before the trained one
+    is handed to DeepSpeed. On the GPU: the other expert whole, the trained one whole (plain,
+    ZeRO-2), partitioned (ZeRO-3) or not at all (ZeRO-3 + param offload), plus the activations
+    of one checkpointed window forward (~0.6 GiB per 1k tokens at A14B width) and ~2 GiB for
+    the VAE and the reward models.
     """
-    high, low = _file_gib(cfg.high_noise_model), _file_gib(cfg.low_noise_model)
-    bf16 = lambda gib, path: gib * (2 if "fp8" in os.path.basename(path).lower() else 1)  # noqa: E731
-    high, low = bf16(high, cfg.high_noise_model), bf16(low, cfg.low_noise_model)
+    def bf16_gib(path: str) -> float:
+        return _file_gib(path) * (2 if "fp8" in os.path.basename(path).lower() else 1)
+
+    high, low = bf16_gib(cfg.high_noise_model), bf16_gib(cfg.low_noise_model)
     trained, other = (high, low) if cfg.expert == "high" else (low, high)
     tokens = cfg.latent_frames * (cfg.height // 16) * (cfg.width // 16) * cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1)
-    scale = trained / 28.0 if trained else 0.0  # activations relative to an A14B expert
-    activations = 0.6 * tokens / 1000 * max(scale, 0.01) * cfg.backprop_steps
+    activations = 0.6 * tokens / 1000 * max(trained / 28.0, 0.01) * cfg.backprop_steps
     gpu = other + activations + 2.0
-    host = 4.0
     if ds.get("stage") == 3:
-        gpu += 0 if ds.get("offload_param") else trained / world_size
-        host += trained if ds.get("offload_param") else 0
+        gpu += 0.0 if ds.get("offload_param") else trained / world_size
     else:
         gpu += trained
+    host = high + low + 2.0
     return gpu, host
 
 
 def check_environment(cfg: TrainConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     ds = deepspeed_settings()
     gpu_need, host_need = estimate_memory_gib(cfg, world, ds)
-    host_free = psutil.virtual_memory().available / GIB
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if host_free < host_need * (local if ds.get("offload_param") else 1) * 0.5:
-        raise PreflightError(f"host memory: {host_free:.1f} GiB free, this preset needs about "
-                             f"{host_need:.1f} GiB; close other programs or use a preset without CPU offload")
     if not torch.cuda.is_available():
         if cfg.mixed_precision != "no" and gpu_need > 8:
             raise PreflightError("no GPU is visible (torch.cuda.is_available() is False) and these models need "
                                  f"about {gpu_need:.0f} GiB; check CUDA_VISIBLE_DEVICES and the driver, or run the "
                                  "CPU demo (python -m training.demo)")
-        return
-    count = torch.cuda.device_count()
-    if local > count:
-        raise PreflightError(f"{local} processes per node but only {count} GPU(s) visible: set num_processes "
-                             f"to {count} in the accelerate config or expose more GPUs")
-    index = int(os.environ.get("LOCAL_RANK", "0"))
-    free, total = torch.cuda.mem_get_info(index)
-    if free / GIB < gpu_need:
-        raise PreflightError(f"GPU {index}: {free / GIB:.1f} of {total / GIB:.1f} GiB free, this preset needs about "
-                             f"{gpu_need:.1f} GiB per GPU; use the ZeRO-3 offload preset, more GPUs, fewer frames "
-                             f"(frames={cfg.frames}) or a smaller resolution ({cfg.width}x{cfg.height})")
+    else:
+        count = torch.cuda.device_count()
+        if local > count:
+            raise PreflightError(f"{local} processes per node but only {count} GPU(s) visible: set num_processes "
+                                 f"to {count} in the accelerate config or expose more GPUs")
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        free, total = torch.cuda.mem_get_info(index)
+        if free / GIB < gpu_need:
+            raise PreflightError(f"GPU {index}: {free / GIB:.1f} of {total / GIB:.1f} GiB free, this preset needs about "
+                                 f"{gpu_need:.1f} GiB per GPU; use the ZeRO-3 offload preset, more GPUs, fewer frames "
+                                 f"(frames={cfg.frames}) or a smaller resolution ({cfg.width}x{cfg.height})")
+    host_free = psutil.virtual_memory().available / GIB
+    if host_free < host_need * local:
+        raise PreflightError(f"host memory: {host_free:.1f} GiB available, {local} process(es) loading both experts "
+                             f"need about {host_need * local:.1f} GiB; use fewer processes per machine, close other "
+                             "programs or add memory")

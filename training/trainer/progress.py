@@ -21,6 +21,7 @@ appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`
   finished    step, reason (completed|stopped|gaming_guard), lora_path, best_lora_path
               (or null), ema_lora_path (or null)
   error       message, kind (config|preflight|runtime), field (config field or null)
+  checked     config_hash (only with --check-only: config and machine are fine, nothing loaded)
 
 Control: create an empty file named ``STOP``, ``SAVE_NOW`` or ``SAMPLE_NOW`` in the output
 folder. The trainer checks between steps, deletes the file and acts: STOP saves a
