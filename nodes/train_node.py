@@ -195,9 +195,8 @@ class WanRewardLoraTrain(io.ComfyNode):
             devices = parse_devices(gpus, _visible_gpus())
         except LaunchError as exc:
             raise TrainInputError(str(exc)) from None
+        args = dict(locals())
         run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config = cls._config(locals(), name, run_dir, devices)
         run_key = "run-" + re.sub(r"[^A-Za-z0-9._-]", "_", name)  # one run per output folder, too
         lock = DeviceLock(devices.lock_keys + [run_key],
                           owner=f"ComfyUI node {cls.hidden.unique_id}, output {name!r}")
@@ -205,7 +204,9 @@ class WanRewardLoraTrain(io.ComfyNode):
             lock.acquire()
         except LaunchError as exc:
             raise RuntimeError(str(exc)) from None
-        try:
+        try:  # the run folder is written only while its lock is held
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config = cls._config(args, name, run_dir, devices)
             events = cls._run(config, run_dir, devices, deepspeed)
         finally:
             lock.release()

@@ -173,3 +173,13 @@ def test_trainer_failure_is_a_node_error_with_log_tail(tiny_models):
     assert "Reward LoRA training failed" in message and "broken_high.safetensors" in message, message
     assert "Last lines of the trainer log" in message
     assert not _trainer_pids(str(comfyui.output / "wan_reward_lora" / "tiny_broken"))
+
+
+def test_second_run_on_the_same_devices_is_refused(tiny_models):
+    from training.trainer.launcher import DeviceLock
+
+    comfyui = tiny_models
+    with DeviceLock(["cpu"], owner="another training in this test"):
+        message = comfyui.run_expecting_error(train_prompt("tiny_locked", steps=1))
+    assert "the CPU training slot is already training (another training in this test" in message, message
+    assert not (comfyui.output / "wan_reward_lora" / "tiny_locked").exists()
