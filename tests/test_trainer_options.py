@@ -132,3 +132,41 @@ def test_preflight_refuses_when_host_memory_cannot_hold_the_experts(tmp_path, mo
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     with pytest.raises(PreflightError, match="host memory"):
         check_environment(load_config(path))
+
+
+def test_umt5_comfyui_file_with_embedded_sentencepiece(tmp_path):
+    """ComfyUI's umt5 files carry the tokenizer as a uint8 ``spiece_model`` tensor."""
+    import sentencepiece
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from training.safe_io import save_safetensors
+    from training.trainer.config import config_from_dict
+    from training.trainer.models import encode_prompts_umt5
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PROMPTS * 20 + VALIDATION_PROMPTS * 20))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                             pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    proto = (tmp_path / "sp.model").read_bytes()
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                          feed_forward_proj="gated-gelu")).eval()
+    tensors = {k: v.half() for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    tensors["spiece_model"] = torch.frombuffer(bytearray(proto), dtype=torch.uint8)
+    save_safetensors(tensors, tmp_path / "umt5_tiny_fp16.safetensors")
+
+    config = yaml.safe_load(write_tiny_run(tmp_path).read_text())
+    config.update(prompt_embeddings=None, text_encoder=str(tmp_path / "umt5_tiny_fp16.safetensors"))
+    assert config_from_dict(config).tokenizer is None  # no tokenizer folder needed
+
+    out = encode_prompts_umt5(["a red fox", ""], str(tmp_path / "umt5_tiny_fp16.safetensors"), None,
+                              torch.device("cpu"), torch.float32)
+    ids = sentencepiece.SentencePieceProcessor(model_proto=proto).encode("a red fox") + [1]
+    assert out["a red fox"].shape == (len(ids), 64) and out[""].shape == (1, 64)
+    encoder.half().float()  # the file's precision
+    with torch.no_grad():
+        padded = torch.zeros(1, 512, dtype=torch.long)
+        padded[0, : len(ids)] = torch.tensor(ids)
+        mask = (torch.arange(512) < len(ids)).long()[None]
+        ref = encoder(input_ids=padded, attention_mask=mask).last_hidden_state[0, : len(ids)]
+    assert torch.allclose(out["a red fox"], ref, atol=1e-5)

@@ -16,7 +16,8 @@ Models
   prompt_embeddings: path | null         precomputed umT5 embeddings (safetensors, see
                                          training/trainer/models.py: write_prompt_embeddings)
   text_encoder: path | null              umt5-xxl encoder (ComfyUI text_encoders format)
-  tokenizer: path | null                 folder with the umt5 tokenizer (needed with text_encoder)
+  tokenizer: path | null                 folder with the umt5 tokenizer; not needed for ComfyUI's
+                                         umt5 files, which embed theirs (spiece_model)
   base_model_name: str, ""               recorded in the LoRA metadata
 Prompts
   prompts: list[str] | null              training prompts, or
@@ -363,8 +364,6 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
         raise ConfigError("text_encoder", "give either prompt_embeddings or text_encoder, not both")
     if not cfg.prompt_embeddings and not cfg.text_encoder:
         raise ConfigError("prompt_embeddings", "is required unless text_encoder (umt5-xxl) is given")
-    if cfg.text_encoder and not cfg.tokenizer:
-        raise ConfigError("tokenizer", "is required with text_encoder: the folder holding the umt5 tokenizer")
     if check_files:
         for name in ("prompt_embeddings", "text_encoder", "prompts_file", "validation_prompts_file"):
             value = getattr(cfg, name)
@@ -372,6 +371,12 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
                 raise ConfigError(name, f"file not found: {value}")
         if cfg.tokenizer and not os.path.isdir(cfg.tokenizer):
             raise ConfigError("tokenizer", f"folder not found: {cfg.tokenizer}")
+        if cfg.text_encoder and not cfg.tokenizer:
+            from .models import encoder_has_tokenizer
+
+            if not encoder_has_tokenizer(cfg.text_encoder):
+                raise ConfigError("tokenizer", f"{cfg.text_encoder} has no embedded tokenizer (ComfyUI's umt5 files "
+                                  "do): give the folder of the google/umt5-xxl tokenizer")
     if cfg.prompts is not None and cfg.prompts_file:
         raise ConfigError("prompts_file", "give either prompts or prompts_file, not both")
     if cfg.prompts is not None and not [p for p in cfg.prompts if p.strip()]:

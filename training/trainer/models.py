@@ -184,12 +184,56 @@ def read_prompt_embeddings(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {p: tensors[f"emb.{i}"] for i, p in enumerate(prompts)}
 
 
-def encode_prompts_umt5(prompts: list[str], encoder_path: str, tokenizer_dir: str,
-                        device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Run the umt5-xxl encoder once over every prompt; embeddings cut to their true length."""
-    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+def encoder_has_tokenizer(path: str | os.PathLike) -> bool:
+    """ComfyUI's umt5 files carry their sentencepiece model as a ``spiece_model`` tensor."""
+    if not str(path).endswith((".safetensors", ".sft")):
+        return False
+    from safetensors import safe_open
 
-    sd = dequantize(read_state_dict(encoder_path, "umt5 text encoder"), dtype)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return "spiece_model" in handle.keys()
+    except Exception:
+        return False
+
+
+def _tokenize(prompt: str, spiece, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and mask [1, TEXT_LEN]: the prompt's pieces, then </s> (id 1), padded with 0."""
+    if spiece is not None:
+        ids = spiece.encode(prompt)[: TEXT_LEN - 1] + [1]
+    else:
+        ids = tokenizer(prompt, truncation=True, max_length=TEXT_LEN, add_special_tokens=True)["input_ids"]
+    out = torch.zeros(1, TEXT_LEN, dtype=torch.long)
+    mask = torch.zeros(1, TEXT_LEN, dtype=torch.long)
+    out[0, : len(ids)] = torch.tensor(ids)
+    mask[0, : len(ids)] = 1
+    return out, mask
+
+
+def encode_prompts_umt5(prompts: list[str], encoder_path: str, tokenizer_dir: str | None,
+                        device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Run the umt5-xxl encoder once over every prompt; embeddings cut to their true length.
+
+    The tokenizer is the sentencepiece model embedded in ComfyUI's umt5 files, or a
+    tokenizer folder (``tokenizer``) for files without one.
+    """
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    raw = read_state_dict(encoder_path, "umt5 text encoder")
+    spiece_bytes = raw.pop("spiece_model", None)
+    spiece = tokenizer = None
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    elif spiece_bytes is not None:
+        import sentencepiece
+
+        spiece = sentencepiece.SentencePieceProcessor(model_proto=spiece_bytes.numpy().tobytes())
+    else:
+        raise UserFileError(f"{encoder_path} has no embedded tokenizer (spiece_model): set 'tokenizer' to the "
+                            "folder of the google/umt5-xxl tokenizer")
+    sd = dequantize(raw, dtype)
     sd = {k: v for k, v in sd.items() if not k.startswith(("decoder.", "lm_head"))}
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
@@ -207,14 +251,12 @@ def encode_prompts_umt5(prompts: list[str], encoder_path: str, tokenizer_dir: st
     sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
     model = _build(UMT5EncoderModel, config, sd, f"umt5 {encoder_path}")
     model = model.requires_grad_(False).eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     out = {}
     with torch.no_grad():
         for prompt in dict.fromkeys(prompts):
-            tok = tokenizer([prompt], padding="max_length", max_length=TEXT_LEN, truncation=True,
-                            add_special_tokens=True, return_tensors="pt")
-            hidden = model(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device)).last_hidden_state
-            out[prompt] = hidden[0, : int(tok.attention_mask.sum())].float().cpu()
+            ids, mask = _tokenize(prompt, spiece, tokenizer)
+            hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            out[prompt] = hidden[0, : int(mask.sum())].float().cpu()
     del model
     return out
 
