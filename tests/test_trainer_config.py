@@ -50,6 +50,7 @@ BAD = [
     ("rewards", {"rewards": []}),
     ("rewards[0].model", {"rewards": [{"model": "pickscore", "path": "x"}]}),
     ("rewards[0].weight", {"rewards": [{"model": "hps", "path": "hps.pt", "weight": "heavy"}]}),
+    ("rewards[0].preprocess", {"rewards": [{"model": "hps", "path": "hps.pt", "preprocess": "crop"}]}),
     ("lora_rank", {"lora_rank": 0}),
     ("lora_rank", {"lora_rank": 4.5}),
     ("learning_rate", {"learning_rate": 5}),
@@ -114,3 +115,4 @@ def test_seed_presets_are_valid_and_are_the_seed_recipe(preset):
     assert cfg.expert == ("low" if "low" in preset else "high")
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.learning_rate, cfg.max_grad_norm) == (128, 64.0, 1e-5, 0.3)
     assert (cfg.inference_steps, cfg.boundary, cfg.shift, cfg.decoded_latents) == (40, 0.9, 5.0, 1)
+    assert cfg.rewards[0].preprocess == "squash"

@@ -27,7 +27,11 @@ Prompts
   validation_prompts: list[str], []      held-out prompts (never trained on)
   validation_prompts_file: path | null
 Rewards
-  rewards: list !                        [{model: hps|mps, path: file, weight: 1.0, variant: str|null}]
+  rewards: list !                        [{model: hps|mps, path: file, weight: 1.0, variant: str|null,
+                                           preprocess: reference|squash|null}]
+                                         variant: MPS "official" (default) or "seed"; preprocess: the
+                                         reward model's own ("reference", default) or the seed's
+                                         224x224 stretch ("squash")
                                          loss = sum_i weight_i * (1 - reward_i) / sum_i weight_i
   held_out_rewards: list, []             same form, scored on validation only, never optimised
 LoRA
@@ -113,6 +117,7 @@ class RewardSpec:
     path: str
     weight: float = 1.0
     variant: str | None = None
+    preprocess: str | None = None
 
     @property
     def name(self) -> str:
@@ -256,9 +261,10 @@ def _reward_list(name: str, value) -> list[RewardSpec]:
             item = dataclasses.asdict(item)
         if not isinstance(item, dict):
             raise ConfigError(where, f"must be a mapping like {{model: hps, path: HPS_v2.1.pt}}, got {item!r}")
-        unknown = set(item) - {"model", "path", "weight", "variant"}
+        unknown = set(item) - {"model", "path", "weight", "variant", "preprocess"}
         if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (allowed: model, path, weight, variant)")
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}",
+                              "unknown key (allowed: model, path, weight, variant, preprocess)")
         model = item.get("model")
         if model not in REWARD_MODELS:
             raise ConfigError(f"{where}.model", f"must be one of {', '.join(REWARD_MODELS)}, got {model!r}")
@@ -271,7 +277,11 @@ def _reward_list(name: str, value) -> list[RewardSpec]:
         variant = item.get("variant")
         if variant is not None and not isinstance(variant, str):
             raise ConfigError(f"{where}.variant", f"must be a string or null, got {variant!r}")
-        specs.append(RewardSpec(model=model, path=path, weight=weight, variant=variant))
+        preprocess = item.get("preprocess")
+        if preprocess not in (None, "reference", "squash"):
+            raise ConfigError(f"{where}.preprocess", f"must be 'reference' (the reward model's own resize and "
+                              f"pad), 'squash' (the seed's 224x224 stretch) or null, got {preprocess!r}")
+        specs.append(RewardSpec(model=model, path=path, weight=weight, variant=variant, preprocess=preprocess))
     return specs
 
 

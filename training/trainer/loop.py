@@ -119,7 +119,8 @@ def load_rewards(specs, device, dtype, field_name: str):
 
     models = []
     for i, spec in enumerate(specs):
-        model = load_reward_model(spec.path, device=device, dtype=dtype, variant=spec.variant)
+        model = load_reward_model(spec.path, device=device, dtype=dtype, variant=spec.variant,
+                                  preprocess=spec.preprocess or "reference")
         if not model.name.startswith(spec.model):
             raise ConfigError(f"{field_name}[{i}].model", f"is {spec.model!r} but {spec.path} is a {model.name} "
                               "checkpoint; fix model or path")
