@@ -1,0 +1,59 @@
+"""Comfy registry packaging: pyproject fields, requirements in sync, `comfy node validate`."""
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirement_lines(path: Path) -> set[str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {line.replace(" ", "").replace('"', "'") for line in lines if line and not line.startswith("-")}
+
+
+def test_registry_fields():
+    project, comfy = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
+    assert project["name"] == "wan-reward-lora"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert (ROOT / project["license"]["file"]).is_file()
+    assert project["requires-python"] and project["description"]
+    assert project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])
+    icon = comfy["Icon"].rsplit("/main/", 1)[1]
+    assert (ROOT / icon).is_file(), f"Icon URL points to {icon}, which is not in the repository"
+
+
+def test_dependencies_match_requirements_and_leave_torch_to_comfyui():
+    deps = {d.replace(" ", "").replace('"', "'") for d in PYPROJECT["project"]["dependencies"]}
+    assert deps == _requirement_lines(ROOT / "requirements.txt")
+    names = {re.split(r"[<>=;!~ ]", d)[0].lower() for d in deps}
+    assert not names & {"torch", "torchvision", "comfyui-frontend-package"}
+
+
+def test_no_eval_exec_or_multi_statement_lines():
+    """The registry's security checks (ruff S102, S307, E702) find nothing."""
+    if shutil.which("ruff", path=str(Path(sys.executable).parent)) is None:
+        pytest.fail("ruff is a test requirement (requirements-dev.txt)")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ruff"), "check", ".", "--select", "S102,S307,E702",
+         "--exclude", ".venv", "--output-format", "concise"],
+        cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_comfy_node_validate_passes():
+    comfy = Path(sys.executable).parent / "comfy"
+    result = subprocess.run(
+        [str(comfy), "--skip-prompt", "--no-enable-telemetry", "node", "validate"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "validation checks passed" in output, output
