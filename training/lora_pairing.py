@@ -2,8 +2,9 @@
 
 Markers: ``high_noise`` / ``high-noise`` in any case, and ``high`` as a separate
 word (``_HIGH.``, ``-high-``; not ``highres``), with the ``low`` equivalents.
-The partner swaps every marker, keeping its case. ``web/dual_lora_loader.js``
-implements the same rule for the node's dropdowns; keep the two in step.
+The partner swaps every marker, keeping its case. ``web/lora_pairing.js``
+implements the same rule for the node's dropdowns (``web/dual_lora_loader.js`` uses
+it); keep the two in step.
 """
 
 from __future__ import annotations
