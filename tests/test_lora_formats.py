@@ -312,18 +312,29 @@ def test_diffusers_norm_names_are_read_as_diffusers_in_a_diffusers_file(tmp_path
     ("Wan2.2-Fun-A14B-InP-high-noise-HPS2.1.safetensors", "high", "Wan2.2-Fun-A14B-InP-low-noise-HPS2.1.safetensors"),
     ("wan/x_low_noise.safetensors", "low", "wan/x_high_noise.safetensors"),
     ("lightx2v_4steps_HIGH.safetensors", "high", "lightx2v_4steps_LOW.safetensors"),
-    ("High/style-High.safetensors", "high", "Low/style-Low.safetensors"),
+    ("HIGH/style-HIGH.safetensors", "high", "LOW/style-LOW.safetensors"),
+    ("wan22_HighNoise.safetensors", "high", "wan22_LowNoise.safetensors"),
+    ("wan22-lownoise.safetensors", "low", "wan22-highnoise.safetensors"),
+    ("x_LOW_NOISE.safetensors", "low", None),
+    # ordinary words, not expert markers
     ("highres_fix.safetensors", None, None),
     ("slow_motion.safetensors", None, None),
+    ("mps_low_light.safetensors", None, None),
+    ("high_detail.safetensors", None, None),
+    ("low-res.safetensors", None, None),
+    ("High/style-High.safetensors", None, None),
+    ("yellow-noise.safetensors", None, None),
 ])
 def test_pairing_rule(name, expert, partner):
     available = ["Wan2.2-Fun-A14B-InP-low-noise-HPS2.1.safetensors", "wan/x_high_noise.safetensors",
-                 "lightx2v_4steps_LOW.safetensors", "Low/style-Low.safetensors", "lowres_fix.safetensors",
-                 "shigh_motion.safetensors"]
+                 "lightx2v_4steps_LOW.safetensors", "LOW/style-LOW.safetensors", "lowres_fix.safetensors",
+                 "shigh_motion.safetensors", "wan22_LowNoise.safetensors", "wan22-highnoise.safetensors",
+                 "mps_high_light.safetensors", "low_detail.safetensors", "high-res.safetensors",
+                 "Low/style-Low.safetensors"]
     assert expert_of(name) == expert
     assert partner_name(name, available) == partner
 
 
 def test_pairing_needs_the_partner_to_exist():
     assert partner_name("a_high_noise.safetensors", ["b_low_noise.safetensors"]) is None
-    assert partner_name("high/a_high.safetensors", ["high/a_low.safetensors"]) == "high/a_low.safetensors"
+    assert partner_name("HIGH/a_HIGH.safetensors", ["HIGH/a_LOW.safetensors"]) == "HIGH/a_LOW.safetensors"

@@ -12,8 +12,14 @@ PACK_ROOT = __import__("conftest").PACK_ROOT
 NAMES = [
     "Wan2.2-Fun-A14B-InP-high-noise-HPS2.1.safetensors", "Wan2.2-Fun-A14B-InP-low-noise-HPS2.1.safetensors",
     "Wan2.2-Fun-A14B-InP-low-noise-MPS.safetensors", "wan/x_High_Noise.safetensors", "wan/x_Low_Noise.safetensors",
-    "lightx2v_HIGH.safetensors", "lightx2v_LOW.safetensors", "high/a_high.safetensors", "low/a_low.safetensors",
+    "lightx2v_HIGH.safetensors", "lightx2v_LOW.safetensors", "HIGH/a_HIGH.safetensors", "LOW/a_LOW.safetensors",
     "highres.safetensors", "lowres.safetensors", "slow_high_low.safetensors", "None",
+    # words that are not expert markers
+    "mps_low_light.safetensors", "high_detail.safetensors", "low-res.safetensors", "high/a_high.safetensors",
+    "High-Contrast.safetensors", "yellow_noise.safetensors", "HIGHRES_LOW2.safetensors",
+    # markers: camel case, no separator, upper case
+    "wan22_HighNoise_v1.safetensors", "wan22_LowNoise_v1.safetensors", "highnoise.safetensors",
+    "lownoise.safetensors", "x-HIGH-NOISE-y.safetensors", "x-LOW-NOISE-y.safetensors",
 ]
 
 
@@ -30,4 +36,13 @@ def test_js_and_python_pairing_agree(tmp_path):
     js = [tuple(x) for x in json.loads(out)]
     py = [(expert_of(n), partner_name(n, NAMES)) for n in NAMES]
     assert js == py
-    assert py[0] == ("high", NAMES[1]) and py[3] == ("high", NAMES[4]) and py[9] == (None, None)
+    got = dict(zip(NAMES, py))
+    assert got[NAMES[0]] == ("high", NAMES[1]) and got["wan/x_High_Noise.safetensors"] == ("high", NAMES[4])
+    assert got["HIGH/a_HIGH.safetensors"] == ("high", "LOW/a_LOW.safetensors")
+    assert got["wan22_HighNoise_v1.safetensors"] == ("high", "wan22_LowNoise_v1.safetensors")
+    assert got["lownoise.safetensors"] == ("low", "highnoise.safetensors")
+    assert got["x-LOW-NOISE-y.safetensors"] == ("low", "x-HIGH-NOISE-y.safetensors")
+    for name in ("highres.safetensors", "mps_low_light.safetensors", "high_detail.safetensors", "low-res.safetensors",
+                 "high/a_high.safetensors", "High-Contrast.safetensors", "yellow_noise.safetensors",
+                 "HIGHRES_LOW2.safetensors", "None"):
+        assert got[name] == (None, None), name

@@ -1,7 +1,9 @@
 """Which expert a LoRA file name marks, and its partner file for the other expert.
 
-Markers: ``high_noise`` / ``high-noise`` in any case, and ``high`` as a separate
-word (``_HIGH.``, ``-high-``; not ``highres``), with the ``low`` equivalents.
+Only expert markers count: ``high_noise`` / ``high-noise`` / ``highnoise`` (lower,
+Capitalised or UPPER case, also camel-case ``HighNoise``), and ``HIGH`` as a whole
+upper-case token (``_HIGH_``, ``-HIGH.``), with the ``low`` equivalents. Ordinary
+words are not markers: ``mps_low_light``, ``high_detail``, ``low-res``, ``highres``.
 The partner swaps every marker, keeping its case. ``web/lora_pairing.js``
 implements the same rule for the node's dropdowns (``web/dual_lora_loader.js`` uses
 it); keep the two in step.
@@ -12,7 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-_MARKER = re.compile(r"(high|low)(?=[_-]noise)|(?<![a-z])(high|low)(?![a-z])", re.IGNORECASE)
+# No flags, so that the JS copy is the same text.
+_MARKER = re.compile(r"(?<![A-Za-z])(?:high|low|High|Low|HIGH|LOW)(?=[_-]?(?:noise|Noise|NOISE))"
+                     r"|(?<=[a-z])(?:High|Low)(?=Noise)"
+                     r"|(?<![A-Za-z0-9])(?:HIGH|LOW)(?![A-Za-z0-9])")
 _SWAP = {"high": "low", "low": "high"}
 
 

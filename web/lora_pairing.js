@@ -1,10 +1,16 @@
 // Which expert a LoRA file name marks, and its partner file for the other expert.
 // Same rule as training/lora_pairing.py (tests/test_web_pairing.py checks they agree):
-// "high_noise"/"high-noise" in any case, or "high" as a separate word ("_HIGH.",
-// "-high-"; not "highres"), and the "low" equivalents. The partner swaps every
-// marker, keeping its case.
+// only expert markers count: "high_noise"/"high-noise"/"highnoise" (lower, Capitalised,
+// UPPER, camel-case "HighNoise") and "HIGH" as a whole upper-case token ("_HIGH_",
+// "-HIGH."), and the "low" equivalents; not "mps_low_light", "high_detail", "low-res".
+// The partner swaps every marker, keeping its case.
 
-const MARKER = /(high|low)(?=[_-]noise)|(?<![a-z])(high|low)(?![a-z])/gi;
+const MARKER = new RegExp(
+  "(?<![A-Za-z])(?:high|low|High|Low|HIGH|LOW)(?=[_-]?(?:noise|Noise|NOISE))" +
+    "|(?<=[a-z])(?:High|Low)(?=Noise)" +
+    "|(?<![A-Za-z0-9])(?:HIGH|LOW)(?![A-Za-z0-9])",
+  "g",
+);
 const SWAP = { high: "low", low: "high" };
 
 function sameCase(word, like) {
