@@ -53,7 +53,7 @@ def load_cached(path: str, device: torch.device, dtype: torch.dtype, variant: st
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(device), str(dtype), variant)
     if key not in _CACHE:
-        model = load_reward_model(path, device=device, dtype=dtype, variant=variant)
+        model = load_reward_model(path, device=device, dtype=dtype, variant=variant, mps_variant_only=True)
         if model.name != "mps":
             model.variant = None
         _CACHE[key] = model
@@ -96,7 +96,7 @@ class WanRewardLoadRewardModel(io.ComfyNode):
                                tooltip="auto: bf16/fp16 on GPU, fp32 on CPU"),
                 io.Combo.Input("device", options=_devices(), default="auto"),
                 io.Combo.Input("mps_variant", options=list(MPS_VARIANTS), default="official",
-                               tooltip="MPS only. official: single-image scorer (threshold 0.3, ~100*cos). "
+                               tooltip="MPS only (ignored for HPS files). official: single-image scorer (threshold 0.3, ~100*cos). "
                                        "seed: the seed's training reward (threshold 0.01, cosine)"),
             ],
             outputs=[RewardModelType.Output(display_name="reward_model")],

@@ -31,13 +31,13 @@ def setup(comfyui):
     return frames, expected.tolist()
 
 
-def _score_prompt(selection="all", model_name="tiny/HPS_v2.1_tiny.pt"):
+def _score_prompt(selection="all", model_name="tiny/HPS_v2.1_tiny.pt", mps_variant="official"):
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_0.png"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_1.png"}},
         "3": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
         "4": {"class_type": "WanRewardLoadRewardModel",
-              "inputs": {"model_name": model_name, "dtype": "float32", "device": "cpu", "mps_variant": "official"}},
+              "inputs": {"model_name": model_name, "dtype": "float32", "device": "cpu", "mps_variant": mps_variant}},
         "5": {"class_type": "WanRewardScoreFrames",
               "inputs": {"reward_model": ["4", 0], "images": ["3", 0], "prompt": PROMPT, "frames": selection,
                          "n": 2, "preprocess": "reference", "batch_size": 8}},
@@ -77,6 +77,14 @@ def test_first_frame_only(comfyui, setup):
     _, expected = setup
     report = json.loads(comfyui.run(_score_prompt("first"))["6"]["text"][0])
     assert report["frames"] == [0] and np.allclose(report["scores"], expected[:1], atol=1e-5)
+
+
+def test_mps_variant_is_ignored_for_hps_files(comfyui, setup):
+    """The node always passes its MPS variant; an HPS file scores as HPS whatever it says."""
+    _, expected = setup
+    report = json.loads(comfyui.run(_score_prompt(mps_variant="seed"))["6"]["text"][0])
+    assert report["model"] == "hps_v2.1" and report["variant"] is None
+    assert np.allclose(report["scores"], expected, atol=1e-5)
 
 
 def test_pick_best(comfyui, setup):

@@ -86,6 +86,9 @@ def test_variant_applies_to_mps_only(tmp_path):
     path = write_tiny_hps_checkpoint(tmp_path / "hps.pt")
     with pytest.raises(ValueError, match="variant 'seed' applies to MPS only"):
         load_reward_model(path, variant="seed")
+    # A UI passing its MPS choice for every file: ignored for HPS, the model is the plain HPS one.
+    model = load_reward_model(path, variant="seed", mps_variant_only=True)
+    assert model.name == "hps_v2.1" and not hasattr(model, "variant")
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])

@@ -151,17 +151,19 @@ def _shape_error(path, kind, exc) -> UserFileError:
 
 
 def load_reward_model(path, device="cpu", dtype=torch.float32, variant: str | None = None,
-                      preprocess: str = "reference") -> RewardModel:
+                      preprocess: str = "reference", *, mps_variant_only: bool = False) -> RewardModel:
     """Load HPS v2.1 or MPS from ``path`` (detected from the keys), frozen, in eval mode.
 
-    ``variant`` applies to MPS only: "official" (default) or "seed". ``preprocess``:
-    "reference" or "squash" (also selectable per ``score`` call).
+    ``variant`` applies to MPS only: "official" (default) or "seed"; for an HPS file a
+    non-official variant is an error unless ``mps_variant_only`` (a UI that always passes
+    its MPS variant choice): then it is ignored. ``preprocess``: "reference" or "squash"
+    (also selectable per ``score`` call).
     """
     state_dict = _strip_prefixes(read_state_dict(path))
     kind = detect_kind(state_dict)
     try:
         if kind == "hps":
-            if variant not in (None, "official"):
+            if variant not in (None, "official") and not mps_variant_only:
                 raise ValueError(f"variant {variant!r} applies to MPS only; {Path(path).name} is HPS v2.1")
             from .hps import build_hps
 
