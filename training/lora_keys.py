@@ -13,10 +13,9 @@ resolved against the table of known module names, never by a blind ``_`` -> ``.`
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from .wan_names import BLOCK_NAMES, TOP_NAMES
+from .wan_names import BLOCK_NAMES, TOP_NAMES, translate
 
 CANONICAL_PREFIX = "diffusion_model."
 
@@ -75,17 +74,11 @@ def _tables(sep: str) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
 
 
 _TABLES = {".": _tables("."), "_": _tables("_")}
-_BLOCK = {".": re.compile(r"^blocks\.(\d+)\.(.+)$"), "_": re.compile(r"^blocks_(\d+)_(.+)$")}
 
 
 def resolve_module(name: str, sep: str, namespace: str) -> str | None:
     """Native module path of ``name`` (joined by ``sep``) read in ``namespace``, or None."""
-    block_table, top_table = _TABLES[sep][namespace]
-    match = _BLOCK[sep].match(name)
-    if match:
-        inner = block_table.get(match.group(2))
-        return None if inner is None else f"blocks.{match.group(1)}.{inner}"
-    return top_table.get(name)
+    return translate(name, *_TABLES[sep][namespace], sep=sep)
 
 
 @dataclass(frozen=True)

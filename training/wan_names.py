@@ -53,15 +53,21 @@ TOP_NAMES: tuple[tuple[str, str], ...] = (
     ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
 )
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK = {".": re.compile(r"^blocks\.(\d+)\.(.+)$"), "_": re.compile(r"^blocks_(\d+)_(.+)$")}
 _N2D_BLOCK = dict(BLOCK_NAMES)
 _D2N_BLOCK = {d: n for n, d in BLOCK_NAMES}
 _N2D_TOP = dict(TOP_NAMES)
 _D2N_TOP = {d: n for n, d in TOP_NAMES}
 
 
-def _translate(path: str, block_table: dict[str, str], top_table: dict[str, str]) -> str | None:
-    match = _BLOCK.match(path)
+def translate(path: str, block_table: dict[str, str], top_table: dict[str, str], sep: str = ".") -> str | None:
+    """Map a module path through a name table; None if unknown.
+
+    ``path`` is joined by ``sep`` ("." or kohya's "_"); ``block_table`` maps the part after
+    ``blocks<sep>N<sep>`` and ``top_table`` whole paths outside the blocks, both with keys
+    joined by ``sep``. The result is dotted: ``blocks.N.<block_table value>``.
+    """
+    match = _BLOCK[sep].match(path)
     if match:
         inner = block_table.get(match.group(2))
         return None if inner is None else f"blocks.{match.group(1)}.{inner}"
@@ -70,12 +76,12 @@ def _translate(path: str, block_table: dict[str, str], top_table: dict[str, str]
 
 def native_to_diffusers(path: str) -> str | None:
     """``blocks.3.self_attn.q`` -> ``blocks.3.attn1.to_q``; None if unknown."""
-    return _translate(path, _N2D_BLOCK, _N2D_TOP)
+    return translate(path, _N2D_BLOCK, _N2D_TOP)
 
 
 def diffusers_to_native(path: str) -> str | None:
     """``blocks.3.attn1.to_q`` -> ``blocks.3.self_attn.q``; None if unknown."""
-    return _translate(path, _D2N_BLOCK, _D2N_TOP)
+    return translate(path, _D2N_BLOCK, _D2N_TOP)
 
 
 # Linear layers of a Wan2.2 A14B expert (native names, inside each block), the
