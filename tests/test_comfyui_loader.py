@@ -21,18 +21,11 @@ Q = "blocks.1.self_attn.q"  # a module every LoRA below patches
 CHECKED = ("blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.1.ffn.2", "head.head")
 
 
-def _videox(lora):
+def _underscore(lora, prefix):
+    """kohya-style keys: ``lora_unet__`` (VideoX-Fun) or ``lora_unet_`` (kohya/musubi) + underscored module."""
     out = {}
     for m, (up, down, alpha) in lora.items():
-        base = "lora_unet__" + m.replace(".", "_")
-        out |= {base + ".lora_up.weight": up, base + ".lora_down.weight": down, base + ".alpha": torch.tensor(alpha)}
-    return out
-
-
-def _kohya(lora):
-    out = {}
-    for m, (up, down, alpha) in lora.items():
-        base = "lora_unet_" + m.replace(".", "_")
+        base = prefix + m.replace(".", "_")
         out |= {base + ".lora_up.weight": up, base + ".lora_down.weight": down, base + ".alpha": torch.tensor(alpha)}
     return out
 
@@ -54,8 +47,8 @@ def setup(comfyui):
         "kohya_high": random_lora(experts["high"], modules[:8], rank=8, alpha=4.0, seed=2),
         "diffusers_low": random_lora(experts["low"], modules, rank=4, alpha=None, seed=3),
     }
-    save_file(_videox(loras["videox_high"]), comfyui.model_path("loras", "wan/reward-high-noise.safetensors"))
-    save_file(_kohya(loras["kohya_high"]), comfyui.model_path("loras", "kohya_style.safetensors"))
+    save_file(_underscore(loras["videox_high"], "lora_unet__"), comfyui.model_path("loras", "wan/reward-high-noise.safetensors"))
+    save_file(_underscore(loras["kohya_high"], "lora_unet_"), comfyui.model_path("loras", "kohya_style.safetensors"))
     save_file(_diffusers(loras["diffusers_low"]), comfyui.model_path("loras", "wan/reward-low-noise.safetensors"))
     save_file({"double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 8)},
               comfyui.model_path("loras", "flux_style.safetensors"))
@@ -153,7 +146,7 @@ def test_strength_change_reuses_the_read_file_until_it_changes(comfyui, setup):
     first = random_lora(experts["high"], [module], rank=4, alpha=4.0, seed=21)
     second = random_lora(experts["high"], [module], rank=4, alpha=4.0, seed=22)
     path = comfyui.model_path("loras", "cache_probe.safetensors")
-    save_file(_kohya(first), path)
+    save_file(_underscore(first, "lora_unet_"), path)
     stat = path.stat()
 
     def patched(strength, name):
@@ -164,7 +157,7 @@ def test_strength_change_reuses_the_read_file_until_it_changes(comfyui, setup):
 
     base = experts["high"][f"{module}.weight"]
     assert torch.allclose(patched(0.5, "cache1"), expected_weight(base, *first[module], 0.5), atol=1e-6, rtol=0)
-    save_file(_kohya(second), path)  # same size; put the old mtime back: the cache cannot tell
+    save_file(_underscore(second, "lora_unet_"), path)  # same size; put the old mtime back: the cache cannot tell
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert torch.allclose(patched(0.25, "cache2"), expected_weight(base, *first[module], 0.25), atol=1e-6, rtol=0)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # now it is a new file

@@ -52,8 +52,6 @@ FORMATS = {
     "peft_diffusers": lambda m, u, d, a: _updown("transformer.", native_to_diffusers(m), u, d, None, a_b=True),
     "peft_diffusers_default": lambda m, u, d, a: _updown("transformer.", native_to_diffusers(m), u, d, None,
                                                          a_b=True, default=True),
-    "diffusers_names_with_diffusion_model": lambda m, u, d, a: _updown(
-        "diffusion_model.", native_to_diffusers(m), u, d, None, a_b=True),
     "peft_base_model": lambda m, u, d, a: _updown("base_model.model.", m, u, d, None, a_b=True),
     "bare_native": lambda m, u, d, a: _updown("", m, u, d, a),
     "bare_diffusers": lambda m, u, d, a: _updown("", native_to_diffusers(m), u, d, None, a_b=True),
@@ -231,7 +229,6 @@ def test_wan21_i2v_lora_partial_match_is_a_warning_with_counts(tmp_path):
         for name in ("k_img", "v_img"):
             tensors |= FORMATS["videox_fun"](f"blocks.{i}.cross_attn.{name}", torch.zeros(128, 4), torch.zeros(4, 128), 2.0)
     tensors |= FORMATS["videox_fun"]("img_emb.proj.1", torch.zeros(128, 4), torch.zeros(4, 128), 2.0)
-    loaded, report = None, None
     path = _write(tmp_path, "Wan2.1-Fun-14B-InP-MPS.safetensors", tensors)
     loaded = read_lora(path)
     report = match_lora(loaded, BASE, slot="lora_low", strength=0.5, expert="low")

@@ -28,7 +28,6 @@ from .safe_io import UserFileError, load_torch_weights_only, save_safetensors
 from .wan_names import WAN21_I2V_MARKERS
 
 STRENGTH_LIMIT = 10.0
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 EXAMPLES = 5
 
@@ -321,10 +320,11 @@ def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
                         notes=list(lora.notes))
     report.unmatched.update(lora.unrecognised)
     for native, parts in lora.modules.items():
-        why = _check_module(lora, native, parts, shapes, report)
+        target = f"{native}.weight" if f"{native}.weight" in shapes else native
+        why = _check_module(lora, native, parts, target, shapes, report)
         if why is None:
             report.matched.append(native)
-            report.targets[native] = original[f"{native}.weight" if f"{native}.weight" in shapes else native]
+            report.targets[native] = original[target]
             if DOWN in parts:
                 report.ranks.append(int(lora.tensors[parts[DOWN]].shape[0]))
                 alpha = lora.tensors.get(parts.get(ALPHA, ""))
@@ -339,10 +339,9 @@ def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
     return report
 
 
-def _check_module(lora: LoadedLora, native: str, parts: dict[str, str], shapes: dict,
+def _check_module(lora: LoadedLora, native: str, parts: dict[str, str], target: str, shapes: dict,
                   report: LoadReport) -> str | None:
-    """None if the module fits; a reason if not; "" if recorded as a shape mismatch."""
-    target = f"{native}.weight" if f"{native}.weight" in shapes else native
+    """None if the module fits its ``target`` weight; a reason if not; "" if recorded as a shape mismatch."""
     if target not in shapes:
         return "no such module in this model"
     weight_shape = shapes[target]
