@@ -4,11 +4,13 @@ import os
 
 import folder_paths
 
+from ..training.rewards.registry import REWARD_EXTENSIONS
+
 REWARD_MODELS = "reward_models"
 
 
 def register_model_folders() -> None:
-    """Register ``models/reward_models`` restricted to model-file extensions.
+    """Register ``models/reward_models`` listing only the files the reward loader reads.
 
     extra_model_paths.yaml is read before custom nodes load and may already have
     created the key (with an empty extension set, which lists every file); keep its
@@ -19,7 +21,4 @@ def register_model_folders() -> None:
     paths = list(paths)
     if default not in paths:
         paths.append(default)
-    folder_paths.folder_names_and_paths[REWARD_MODELS] = (
-        paths,
-        set(folder_paths.supported_pt_extensions),
-    )
+    folder_paths.folder_names_and_paths[REWARD_MODELS] = (paths, set(REWARD_EXTENSIONS))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +57,56 @@ def test_nodes_are_registered(comfyui, setup):
     options = info["WanRewardLoadRewardModel"]["input"]["required"]["model_name"]
     assert "tiny/HPS_v2.1_tiny.pt" in json.dumps(options)
     assert info["WanRewardScoreFrames"]["output"] == ["FLOAT", "STRING", "IMAGE"]
+
+
+def test_reward_models_folder_lists_only_model_files(comfyui, setup):
+    folder = comfyui.model_path("reward_models", "listing/x.safetensors").parent
+    for name in ("a.safetensors", "B.SFT", "c.pth", "readme.txt", "d.pkl"):
+        (folder / name).write_bytes(b"x")
+    listed = {name for name in comfyui.get("/models/reward_models").json() if name.startswith("listing/")}
+    assert listed == {"listing/a.safetensors", "listing/B.SFT", "listing/c.pth"}
+
+
+_REGISTER_SCRIPT = textwrap.dedent("""
+    import json, os, sys, types
+    comfy, pack, extra, models = sys.argv[1:5]
+    sys.path.insert(0, comfy)
+    import folder_paths
+    folder_paths.models_dir = models
+    # what extra_model_paths.yaml's "reward_models: <extra>" does before custom nodes load
+    folder_paths.add_model_folder_path("reward_models", extra)
+    for name, path in (("pack", pack), ("pack.nodes", os.path.join(pack, "nodes"))):
+        module = types.ModuleType(name)  # import nodes/folders.py without loading every node
+        module.__path__ = [path]
+        sys.modules[name] = module
+    from pack.nodes.folders import register_model_folders
+    register_model_folders()
+    register_model_folders()  # idempotent
+    paths, extensions = folder_paths.folder_names_and_paths["reward_models"]
+    print(json.dumps({"paths": paths, "extensions": sorted(extensions),
+                      "files": folder_paths.get_filename_list("reward_models")}))
+""")
+
+
+def test_register_model_folders_merges_extra_paths_and_restricts_extensions(tmp_path):
+    """Against ComfyUI's own folder_paths, in ComfyUI's Python."""
+    from comfyui_server import comfyui_python
+
+    comfy = Path(os.environ["COMFYUI_PATH"]).expanduser()
+    extra, models = tmp_path / "extra", tmp_path / "models"
+    (models / "reward_models").mkdir(parents=True)
+    extra.mkdir()
+    for name in ("HPS_v2.1_compressed.pt", "mps.Safetensors", "notes.txt", "graph.pt2"):
+        (extra / name).write_bytes(b"x")
+    (models / "reward_models" / "own.sft").write_bytes(b"x")
+    pack = Path(__file__).resolve().parents[1]
+    run = subprocess.run([comfyui_python(comfy), "-c", _REGISTER_SCRIPT, str(comfy), str(pack), str(extra), str(models)],
+                         cwd=comfy, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["paths"] == [str(extra), str(models / "reward_models")]
+    assert result["extensions"] == [".bin", ".ckpt", ".pt", ".pth", ".safetensors", ".sft"]
+    assert result["files"] == ["HPS_v2.1_compressed.pt", "mps.Safetensors", "own.sft"]
 
 
 def test_score_frames_returns_per_frame_scores_and_plot(comfyui, setup):

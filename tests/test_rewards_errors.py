@@ -27,6 +27,14 @@ def test_missing_checkpoint_says_where_and_what(tmp_path):
     assert "HPS_v2.1_compressed.pt" in message and "xswu/HPSv2" in message and "MPS" in message
 
 
+@pytest.mark.parametrize("name", ["hps.SFT", "hps.Safetensors", "hps.sft"])
+def test_safetensors_suffixes_in_any_case(tmp_path, name):
+    write_tiny_hps_checkpoint(tmp_path / "hps.safetensors")
+    renamed = tmp_path / name
+    (tmp_path / "hps.safetensors").rename(renamed)
+    assert load_reward_model(renamed).name == "hps_v2.1"
+
+
 def test_neither_hps_nor_mps_names_what_it_found(tmp_path):
     path = save_safetensors({"blocks.0.self_attn.q.weight": torch.zeros(4, 4)}, tmp_path / "wan.safetensors")
     with pytest.raises(UserFileError, match=r"not an HPS v2.1 .* nor an MPS.*blocks\.0\.self_attn\.q\.weight"):

@@ -20,6 +20,9 @@ EXPECTED_FILES = (
     "MPS_overall_checkpoint_diffsynth.safetensors"
 )
 _PREFIXES = ("module.", "model.", "mps.")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+# Every file suffix the loader reads (compared in lower case); the node's dropdown lists only these.
+REWARD_EXTENSIONS = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".bin", ".ckpt")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -28,7 +31,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         where = "it is a folder, not a file" if path.is_dir() else "no such file"
         raise UserFileError(f"reward model checkpoint not found: {path} ({where}).\n{EXPECTED_FILES}")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 
         try:
