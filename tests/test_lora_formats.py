@@ -118,6 +118,25 @@ def test_canonical_file_round_trip(tmp_path):
     assert "effective scale alpha/rank = 0.5 (x strength = 0.35)" in report.render()
 
 
+def test_report_shows_meaningful_metadata_first_then_counts_the_rest(tmp_path):
+    lora = random_lora(BASE, MODULES[:2], rank=4, alpha=2.0, seed=11)
+    tensors = {}
+    for module, (up, down, alpha) in lora.items():
+        tensors |= FORMATS["kohya_musubi"](module, up, down, alpha)
+    noise = {f"ss_zz_option_{i}": str(i) for i in range(20)} | {"sshs_model_hash": "ab" * 40, "format": "pt"}
+    meaningful = {"steps": "1200", "expert": "low", "reward": "HPS2.1", "base_model": "Wan2.2-A14B",
+                  "ss_network_alpha": "2", "ss_network_dim": "4", "network_alpha": "2", "network_dim": "4",
+                  "alpha": "2", "rank": "4"}
+    metadata = dict(sorted((noise | meaningful).items(), key=lambda kv: kv[0][::-1]))  # neither order above
+    text = match_lora(read_lora(_write(tmp_path, "k.safetensors", tensors, metadata)), BASE).render()
+    shown = [line.split(":")[0].removeprefix("  metadata ") for line in text.splitlines()
+             if line.startswith("  metadata ") and not line.startswith("  metadata:")]
+    assert shown == ["rank", "alpha", "network_dim", "network_alpha", "ss_network_dim", "ss_network_alpha",
+                     "base_model", "reward", "expert", "steps"]
+    assert "  metadata: 21 more keys (ss_zz_option_0, ss_zz_option_1, ss_zz_option_10, ...)" in text
+    assert "sshs_model_hash" not in text and "metadata format" not in text
+
+
 def test_any_format_converts_to_a_canonical_file(tmp_path):
     lora = random_lora(BASE, MODULES, rank=4, alpha=2.0, seed=10)
     tensors = {}

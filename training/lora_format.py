@@ -272,16 +272,34 @@ class LoadReport:
             lines.append(f"  unmatched: {key} ({why})")
         for mismatch in self.shape_mismatches[:EXAMPLES]:
             lines.append(f"  shape mismatch: {mismatch}")
-        shown = {k: v for k, v in self.metadata.items() if not k.startswith("sshs_") and k != "format"}
-        for key, value in list(shown.items())[:12]:
+        shown, rest = _metadata_to_show(self.metadata)
+        for key in shown:
+            value = self.metadata[key]
             value = value if len(value) <= 80 else value[:77] + "..."
             lines.append(f"  metadata {key}: {value}")
+        if rest:
+            lines.append(f"  metadata: {len(rest)} more keys ({', '.join(rest[:3])}{', ...' if len(rest) > 3 else ''})")
         lines += [f"  ERROR: {e}" for e in self.errors]
         lines += [f"  WARNING: {w}" for w in self.warnings]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     __str__ = render
+
+
+# Metadata keys the report shows, in this order (the rest are only counted).
+METADATA_SHOWN: tuple[str, ...] = (
+    "rank", "alpha", "network_dim", "network_alpha", "ss_network_dim", "ss_network_alpha",
+    "base_model", "ss_base_model_version", "modelspec.architecture",
+    "reward", "rewards", "reward_model", "expert", "steps", "ss_steps", "ss_max_train_steps",
+)
+
+
+def _metadata_to_show(metadata: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """(keys of ``METADATA_SHOWN`` present, in that order; the other keys, sorted)."""
+    shown = [k for k in METADATA_SHOWN if k in metadata]
+    rest = sorted(k for k in metadata if k not in METADATA_SHOWN and k != "format")
+    return shown, rest
 
 
 _ARCHITECTURE_HINTS: tuple[tuple[str, str], ...] = (
