@@ -85,10 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building tiny models in {args.out}/models ...", flush=True)
     config_path = write_tiny_run(args.out, max_steps=args.steps, resume=False)
     cfg = load_config(config_path)
-    for old in Path(cfg.output_dir).glob("checkpoints/*"):
-        import shutil
+    import shutil
 
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)  # the demo's own output folder: start fresh
     capture = io.StringIO()
     print(f"training {cfg.max_steps} steps of the low-noise expert's LoRA (HPS reward, MPS held out) ...", flush=True)
 
