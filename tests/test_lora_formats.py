@@ -262,6 +262,30 @@ def test_wan21_i2v_lora_partial_match_is_a_warning_with_counts(tmp_path):
                               expected_weight(BASE[f"{module}.weight"], *lora[module], 0.5), atol=1e-6, rtol=0)
 
 
+def test_modules_without_up_down_pairs_are_not_counted_as_matched(tmp_path):
+    lora = random_lora(BASE, MODULES[:2], rank=4, alpha=2.0, seed=12)
+    tensors = {}
+    for module, (up, down, alpha) in lora.items():
+        tensors |= FORMATS["comfy_format"](module, up, down, alpha)
+    tensors["diffusion_model.blocks.1.self_attn.q.alpha"] = torch.tensor(2.0)
+    tensors["diffusion_model.blocks.1.self_attn.k.dora_scale"] = torch.ones(1, 128)
+    report = match_lora(read_lora(_write(tmp_path, "part.safetensors", tensors)), BASE)
+    assert report.errors == [] and sorted(report.matched) == sorted(MODULES[:2])
+    assert "modules matched: 2 of 4" in report.render()
+    warning = next(w for w in report.warnings if "without a lora_up/lora_down pair" in w)
+    assert "diffusion_model.blocks.1.self_attn.q.alpha" in warning
+    assert "diffusion_model.blocks.1.self_attn.k.dora_scale" in warning
+    assert "no lora_up/lora_down pair (only alpha)" in report.unmatched["diffusion_model.blocks.1.self_attn.q.alpha"]
+
+    alphas = {f"lora_unet_{m.replace('.', '_')}.alpha": torch.tensor(2.0) for m in MODULES[:3]}
+    report = match_lora(read_lora(_write(tmp_path, "alphas.safetensors", alphas)), BASE)
+    assert report.matched == [] and len(report.errors) == 1
+    assert "nothing matched" in report.errors[0] and "3 keys belong to modules without a lora_up/lora_down pair" \
+        in report.errors[0] and "diffusion_model.blocks.0.self_attn.q.alpha" in report.errors[0]
+    with pytest.raises(LoraInputError, match="without a lora_up/lora_down pair"):
+        report.raise_for_errors()
+
+
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     big = tiny_wan_state_dict(dim=256, ffn_dim=512, head_dim=128)
     lora = random_lora(big, MODULES, rank=4, alpha=2.0, seed=8)

@@ -240,6 +240,7 @@ class LoadReport:
     ranks: list[int] = field(default_factory=list)
     alphas: list[float | None] = field(default_factory=list)
     wan21_i2v_keys: int = 0
+    no_pair_keys: list[str] = field(default_factory=list)        # keys of modules that change nothing
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -350,11 +351,19 @@ def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
         elif why:
             for key in parts.values():
                 report.unmatched[key] = why
+            if why.startswith(NO_PAIR):
+                report.no_pair_keys += parts.values()
             if any(m in native for m in WAN21_I2V_MARKERS):
                 report.wan21_i2v_keys += len(parts)
     _judge(lora, report)
     _seed_advice(lora, report, expert)
     return report
+
+
+# Parts that change a weight on their own (besides a lora_up/lora_down pair), as ComfyUI's
+# weight adapters read them; alpha, dora_scale and lora_mid only modify such a change.
+APPLYING_PARTS = frozenset({"diff", "diff_b", "hada_w1_a", "lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"})
+NO_PAIR = "no lora_up/lora_down pair"
 
 
 def _check_module(lora: LoadedLora, native: str, parts: dict[str, str], target: str, shapes: dict,
@@ -365,6 +374,8 @@ def _check_module(lora: LoadedLora, native: str, parts: dict[str, str], target: 
     weight_shape = shapes[target]
     if (UP in parts) != (DOWN in parts):
         return "lora_up without lora_down" if UP in parts else "lora_down without lora_up"
+    if UP not in parts and not APPLYING_PARTS.intersection(parts):
+        return f"{NO_PAIR} (only {', '.join(sorted(parts))}): it changes nothing"
     before = len(report.shape_mismatches)
     if UP in parts:
         up, down = lora.tensors[parts[UP]], lora.tensors[parts[DOWN]]
@@ -399,13 +410,22 @@ def _judge(lora: LoadedLora, report: LoadReport) -> None:
         report.errors.append(
             f"{len(report.shape_mismatches)} shape mismatches in {name}, first {first}. This LoRA was "
             "made for a model of another size (Wan2.1 1.3B, Wan2.2 5B, ...); use one made for Wan2.2 A14B.")
+    no_pairs = ""
+    if report.no_pair_keys:
+        no_pairs = (f"{len(report.no_pair_keys)} keys belong to modules without a lora_up/lora_down pair "
+                    f"(alpha, dora_scale or lora_mid alone change nothing), e.g. "
+                    f"{', '.join(report.no_pair_keys[:3])}")
     if not report.matched and not report.shape_mismatches:
         examples = list(lora.unrecognised)[:3] or [k for p in lora.modules.values() for k in p.values()][:3]
         report.errors.append(
             f"nothing matched: none of the {len(lora.unrecognised) + len(lora.tensors)} keys of {name} "
             f"fits this Wan model. Keys look like: {', '.join(examples) or '(no tensors)'}"
-            f"{_guess_architecture(list(lora.unrecognised) + list(lora.tensors))}.")
-    elif report.unmatched and report.matched:
+            f"{_guess_architecture(list(lora.unrecognised) + list(lora.tensors))}."
+            + (f" {no_pairs}: the file may be cut short or only a part of a LoRA." if no_pairs else ""))
+        return
+    if no_pairs:
+        report.warnings.append(f"{no_pairs}; these modules are not applied")
+    if report.unmatched and report.matched:
         report.warnings.append(
             f"partial match: {len(report.matched)} of {report.modules_in_file} modules loaded, "
             f"{len(report.unmatched)} keys skipped, e.g. {', '.join(list(report.unmatched)[:3])}")
