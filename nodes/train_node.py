@@ -197,11 +197,17 @@ class WanRewardLoraTrain(io.ComfyNode):
             raise TrainInputError(str(exc)) from None
         args = dict(locals())
         run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / name
-        run_key = "run-" + re.sub(r"[^A-Za-z0-9._-]", "_", name)  # one run per output folder, too
-        lock = DeviceLock(devices.lock_keys + [run_key],
-                          owner=f"ComfyUI node {cls.hidden.unique_id}, output {name!r}")
+        owner = f"ComfyUI node {cls.hidden.unique_id}, output {name!r}"
+        device_lock = DeviceLock(devices.lock_keys, owner=owner)
+        # one run per run folder, too (its lock file lives beside the folder)
+        run_lock = DeviceLock([name], owner=owner, folder=run_dir.parent, names={name: f"the run {name!r}"})
         try:
-            lock.acquire()
+            device_lock.acquire()
+            try:
+                run_lock.acquire()
+            except LaunchError:
+                device_lock.release()
+                raise
         except LaunchError as exc:
             raise RuntimeError(str(exc)) from None
         try:  # the run folder is written only while its lock is held
@@ -209,7 +215,8 @@ class WanRewardLoraTrain(io.ComfyNode):
             config = cls._config(args, name, run_dir, devices)
             events = cls._run(config, run_dir, devices, deepspeed)
         finally:
-            lock.release()
+            run_lock.release()
+            device_lock.release()
         lora_name = cls._publish(run_dir, name, events)
         curve = plot_training_curve(events)
         scores = final_scores_text(events)

@@ -196,9 +196,13 @@ def test_chart_appears_when_training_events_arrive(page, comfyui):
     client_id = page.js("window.comfyAPI?.api?.api?.clientId ?? sessionStorage.getItem('clientId')")
     response = requests.post(f"{comfyui.url}/prompt", json={"prompt": prompt, "client_id": client_id}, timeout=30)
     assert response.status_code == 200, response.text
-    points = page.wait_for("Number(document.querySelector('canvas.wan-reward-train-chart')?.dataset.points || 0) "
-                           ">= 4 && document.querySelector('canvas.wan-reward-train-chart').dataset.points",
-                           timeout=240, what="the reward chart with 4 steps")
+    try:
+        points = page.wait_for("Number(document.querySelector('canvas.wan-reward-train-chart')?.dataset.points || 0)"
+                               " >= 4 && document.querySelector('canvas.wan-reward-train-chart').dataset.points",
+                               timeout=240, what="the reward chart with 4 steps")
+    except AssertionError as exc:
+        history = comfyui.get(f"/history/{response.json()['prompt_id']}").json()
+        raise AssertionError(f"{exc}\nhistory: {json.dumps(history)[:3000]}\nComfyUI log:\n{comfyui.log_tail(40)}")
     assert int(points) == 4
     comfyui.wait(response.json()["prompt_id"], timeout=120)
     page.js(f"(() => {{ const n = window.app.graph.getNodeById({node_id}); "

@@ -175,11 +175,12 @@ def test_trainer_failure_is_a_node_error_with_log_tail(tiny_models):
     assert not _trainer_pids(str(comfyui.output / "wan_reward_lora" / "tiny_broken"))
 
 
-def test_second_run_on_the_same_devices_is_refused(tiny_models):
+def test_second_run_into_the_same_folder_is_refused(tiny_models):
     from training.trainer.launcher import DeviceLock
 
     comfyui = tiny_models
-    with DeviceLock(["cpu"], owner="another training in this test"):
+    runs = comfyui.output / "wan_reward_lora"
+    with DeviceLock(["tiny_locked"], owner="another training in this test", folder=runs):
         message = comfyui.run_expecting_error(train_prompt("tiny_locked", steps=1))
-    assert "the CPU training slot is already training (another training in this test" in message, message
-    assert not (comfyui.output / "wan_reward_lora" / "tiny_locked").exists()
+    assert "the run 'tiny_locked' is already training (another training in this test" in message, message
+    assert not (runs / "tiny_locked").exists()

@@ -79,7 +79,8 @@ def test_parse_devices():
     assert parse_devices("", 4) == DeviceChoice(4, ("0", "1", "2", "3"))
     assert parse_devices("2", 4) == DeviceChoice(2, ("0", "1"))
     assert parse_devices("1,3", 4) == DeviceChoice(2, ("1", "3"))
-    assert parse_devices("cpu:2", 8) == DeviceChoice(2)
+    assert parse_devices("cpu:2", 8) == DeviceChoice(2) and DeviceChoice(2).lock_keys == []
+    assert parse_devices("1,3", 4).lock_keys == ["gpu1", "gpu3"]
     assert parse_devices("cpu", 8) == DeviceChoice(1)
     with pytest.raises(LaunchError, match="4 GPU\\(s\\) requested but only 2 GPU\\(s\\) are visible"):
         parse_devices("4", 2)
@@ -174,7 +175,7 @@ def test_lock_refuses_second_run_on_same_devices(tmp_path):
         DeviceLock(["gpu1", "gpu2"], owner="run B", folder=tmp_path).acquire()
     other = DeviceLock(["gpu2", "run-x"], owner="run C", folder=tmp_path).acquire()  # disjoint: fine
     with pytest.raises(LaunchError, match="the run 'x' is already training"):
-        DeviceLock(["gpu3", "run-x"], folder=tmp_path).acquire()
+        DeviceLock(["gpu3", "run-x"], folder=tmp_path, names={"run-x": "the run 'x'"}).acquire()
     DeviceLock(["gpu3"], folder=tmp_path).acquire().release()  # the failed attempt released gpu3
     other.release()
     first.release()

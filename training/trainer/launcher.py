@@ -64,7 +64,8 @@ class DeviceChoice:
 
     @property
     def lock_keys(self) -> list[str]:
-        return [f"gpu{g}" for g in self.gpu_ids] if self.gpu_ids else ["cpu"]
+        """One lock per GPU; CPU runs (tests, demos) share the cores and take no device lock."""
+        return [f"gpu{g}" for g in self.gpu_ids]
 
     def cpu_threads(self) -> int | None:
         """Threads per CPU process (the cores shared out), None for GPU runs."""
@@ -177,13 +178,16 @@ def lock_dir() -> Path:
 class DeviceLock:
     """Exclusive ``flock`` on one file per GPU (or "cpu"); released on close or process death."""
 
-    def __init__(self, keys: list[str], owner: str = "", folder: Path | None = None):
+    def __init__(self, keys: list[str], owner: str = "", folder: Path | None = None,
+                 names: dict[str, str] | None = None):
         self.keys = list(keys)
+        self.names = names or {}  # key -> what to call it in the refusal
         self.owner = owner
         self.folder = folder or lock_dir()
         self._handles: list = []
 
     def acquire(self) -> "DeviceLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
         for key in self.keys:
             path = self.folder / f"{key}.lock"
             handle = open(path, "a+", encoding="utf-8")
@@ -194,8 +198,8 @@ class DeviceLock:
                 holder = handle.read().strip() or "another run"
                 handle.close()
                 self.release()
-                what = ("the CPU training slot" if key == "cpu" else f"GPU {key[3:]}" if key.startswith("gpu")
-                        else f"the run {key.split('-', 1)[-1]!r}")
+                what = self.names.get(key) or (f"GPU {key[3:]}" if key.startswith("gpu") else
+                                               "the CPU training slot" if key == "cpu" else key)
                 raise LaunchError(f"{what} is already training ({holder}); wait for that run to finish, "
                                   "cancel it, or choose other GPUs") from None
             handle.seek(0)
