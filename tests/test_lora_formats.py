@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -180,6 +181,38 @@ def test_diff_and_diff_b_pass_through(tmp_path):
     merged = merged_weights(BASE, loaded, 0.5)
     assert torch.allclose(merged["blocks.0.norm3.weight"], BASE["blocks.0.norm3.weight"] + 0.5 * diff, atol=1e-7)
     assert torch.allclose(merged["blocks.0.norm3.bias"], BASE["blocks.0.norm3.bias"] + 0.5 * diff_b, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra", ["dora_scale", "lora_mid.weight", "hada_w1_a", "lokr_w1"])
+def test_merge_and_conversion_refuse_parts_they_cannot_represent(tmp_path, extra):
+    lora = random_lora(BASE, MODULES[:2], rank=4, alpha=2.0, seed=13)
+    tensors = {}
+    for module, (up, down, alpha) in lora.items():
+        tensors |= FORMATS["comfy_format"](module, up, down, alpha)
+    key = f"diffusion_model.{MODULES[0]}.{extra}"
+    tensors[key] = torch.ones(1, 4)
+    loaded = read_lora(_write(tmp_path, "extra.safetensors", tensors))
+    with pytest.raises(LoraInputError, match=rf"cannot merge 1 parts, e\.g\. {re.escape(key)}"):
+        merged_weights(BASE, loaded, 0.5)
+    with pytest.raises(LoraInputError, match=rf"1 keys are not plain .* e\.g\. {re.escape(key)}"):
+        loaded.as_modules()
+    # the other module is still merged when asked for alone
+    merged = merged_weights(BASE, loaded, 0.5, [MODULES[1]])
+    want = expected_weight(BASE[f"{MODULES[1]}.weight"], *lora[MODULES[1]], 0.5)
+    assert torch.allclose(merged[f"{MODULES[1]}.weight"], want, atol=1e-6, rtol=0)
+
+
+def test_merge_refuses_missing_modules_and_conversion_refuses_diff(tmp_path):
+    lora = random_lora(BASE, MODULES[:1], rank=4, alpha=2.0, seed=14)
+    tensors = FORMATS["comfy_format"](MODULES[0], *lora[MODULES[0]])
+    tensors["diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight"] = torch.zeros(128, 4)
+    tensors["diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight"] = torch.zeros(4, 128)
+    loaded = read_lora(_write(tmp_path, "i2v.safetensors", tensors))
+    with pytest.raises(LoraInputError, match=r"blocks\.0\.cross_attn\.k_img \(no such weight in the state dict\)"):
+        merged_weights(BASE, loaded, 0.5)
+    diff = read_lora(_write(tmp_path, "diff.safetensors", {"diffusion_model.blocks.0.norm3.diff": torch.zeros(128)}))
+    with pytest.raises(LoraInputError, match=r"diffusion_model\.blocks\.0\.norm3\.diff"):
+        diff.as_modules()
 
 
 def test_weights_only_pickle_loads(tmp_path):

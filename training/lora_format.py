@@ -73,13 +73,26 @@ class LoadedLora:
     notes: list[str] = field(default_factory=list)
 
     def as_modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-        """{native module: (up, down, alpha or None)}, the shape ``save_canonical_lora`` takes."""
+        """{native module: (up, down, alpha or None)}, the shape ``save_canonical_lora`` takes.
+
+        Raises LoraInputError naming the keys this shape cannot hold (diff, diff_b,
+        dora_scale, lora_mid, LoHa, LoKr, or an up without its down) instead of dropping them.
+        """
+        cannot: list[str] = []
+        for parts in self.modules.values():
+            if UP in parts and DOWN in parts:
+                cannot += [key for part, key in parts.items() if part not in (UP, DOWN, ALPHA)]
+            else:
+                cannot += parts.values()
+        if cannot:
+            raise LoraInputError(
+                f"{self.path.name}: {len(cannot)} keys are not plain lora_up/lora_down/alpha and cannot be "
+                f"written as an up/down LoRA, e.g. {', '.join(cannot[:5])}")
         out = {}
         for native, parts in self.modules.items():
-            if UP in parts and DOWN in parts:
-                alpha = self.tensors.get(parts.get(ALPHA, ""))
-                out[native] = (self.tensors[parts[UP]], self.tensors[parts[DOWN]],
-                               None if alpha is None else float(alpha.float().item()))
+            alpha = self.tensors.get(parts.get(ALPHA, ""))
+            out[native] = (self.tensors[parts[UP]], self.tensors[parts[DOWN]],
+                           None if alpha is None else float(alpha.float().item()))
         return out
 
     def subset(self, modules: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -431,23 +444,41 @@ def _judge(lora: LoadedLora, report: LoadReport) -> None:
             f"{len(report.unmatched)} keys skipped, e.g. {', '.join(list(report.unmatched)[:3])}")
 
 
+MERGED_PARTS = frozenset({UP, DOWN, ALPHA, "diff", "diff_b"})
+
+
 def merged_weights(state_dict: Mapping[str, torch.Tensor], lora: LoadedLora, strength: float,
                    modules: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The changed tensors of ``state_dict`` with the LoRA merged, in float32.
 
-    ``W + strength * alpha/rank * up @ down`` (scale 1 without alpha) and
-    ``+ strength * diff``, the rule ComfyUI applies lazily; used for checks and
+    ``W + strength * alpha/rank * up @ down`` (scale 1 without alpha), ``+ strength * diff``
+    and ``bias + strength * diff_b``, the rules ComfyUI applies lazily; used for checks and
     exports. Keys are those of ``state_dict`` (with or without ``diffusion_model.``).
+    ``modules`` (default: all of the LoRA's) must all be in ``state_dict``. Raises
+    LoraInputError for what this merge does not compute (dora_scale, lora_mid, LoHa, LoKr,
+    half pairs, modules or biases missing from ``state_dict``) rather than leaving it out.
     """
     by_native = {k[len(CANONICAL_PREFIX):] if k.startswith(CANONICAL_PREFIX) else k: k for k in state_dict}
-    out: dict[str, torch.Tensor] = {}
-    for native in (lora.modules if modules is None else modules):
+    chosen = list(lora.modules if modules is None else modules)
+    problems = []
+    for native in chosen:
         parts = lora.modules[native]
-        name = by_native.get(f"{native}.weight") or by_native.get(native)
-        if name is None:
-            continue
+        problems += [f"{key} ({part} is not merged here)" for part, key in parts.items() if part not in MERGED_PARTS]
+        if (UP in parts) != (DOWN in parts):
+            problems.append(f"{parts.get(UP) or parts[DOWN]} (half of an up/down pair)")
+        if (by_native.get(f"{native}.weight") or by_native.get(native)) is None:
+            problems.append(f"{native} (no such weight in the state dict)")
+        if "diff_b" in parts and by_native.get(f"{native}.bias") is None:
+            problems.append(f"{parts['diff_b']} (no {native}.bias in the state dict)")
+    if problems:
+        raise LoraInputError(f"merged_weights: {lora.path.name}: cannot merge {len(problems)} parts, e.g. "
+                             f"{'; '.join(problems[:5])}")
+    out: dict[str, torch.Tensor] = {}
+    for native in chosen:
+        parts = lora.modules[native]
+        name = by_native.get(f"{native}.weight") or by_native[native]
         weight = out.get(name, state_dict[name].float())
-        if UP in parts and DOWN in parts:
+        if UP in parts:
             up, down = lora.tensors[parts[UP]].float(), lora.tensors[parts[DOWN]].float()
             alpha = lora.tensors.get(parts.get(ALPHA, ""))
             scale = 1.0 if alpha is None else float(alpha.float().item()) / down.shape[0]
@@ -456,8 +487,8 @@ def merged_weights(state_dict: Mapping[str, torch.Tensor], lora: LoadedLora, str
         if "diff" in parts:
             weight = weight + strength * lora.tensors[parts["diff"]].float()
         out[name] = weight
-        bias = by_native.get(f"{native}.bias")
-        if "diff_b" in parts and bias is not None:
+        if "diff_b" in parts:
+            bias = by_native[f"{native}.bias"]
             out[bias] = state_dict[bias].float() + strength * lora.tensors[parts["diff_b"]].float()
     return out
 
