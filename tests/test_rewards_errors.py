@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,7 +81,51 @@ def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
         pickle.dump({"state_dict": Evil()}, handle)
-    with pytest.raises(UserFileError, match="never runs pickled code"):
+    with pytest.raises(UserFileError, match=r"evil.pt is a pickle that needs code execution to load \(Unsupported .*\).* never runs pickled code") as info:
+        load_reward_model(path)
+    _only_one_message(str(info.value))
+
+
+def _only_one_message(message: str) -> None:
+    assert "not a pickled module" not in message or "needs code execution" in message
+    assert message.count("download it again") + message.count("never runs pickled code") == 1, message
+
+
+@pytest.mark.parametrize("name", ["hps.pt", "hps.safetensors"])
+def test_truncated_checkpoint_is_called_corrupt_once(tmp_path, name):
+    path = write_tiny_hps_checkpoint(tmp_path / name)
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    with pytest.raises(UserFileError, match=r"hps\.\w+ is a corrupt or truncated") as info:
+        load_reward_model(path)
+    _only_one_message(str(info.value))
+    assert "pickle" not in str(info.value)
+
+
+def test_corrupt_legacy_pickle_is_called_corrupt(tmp_path):
+    path = tmp_path / "legacy.pth"
+    torch.save(tiny_hps_state_dict(), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserFileError, match="legacy.pth is a corrupt or truncated PyTorch checkpoint") as info:
+        load_reward_model(path)
+    _only_one_message(str(info.value))
+
+
+def test_format_is_read_from_the_content_not_the_suffix(tmp_path):
+    path = write_tiny_hps_checkpoint(tmp_path / "hps.safetensors")
+    moved = Path(path).rename(tmp_path / "hps.pt")
+    assert load_reward_model(moved).name == "hps_v2.1"
+
+
+@pytest.mark.parametrize("content,match", [(b"", r"empty \(0 bytes\)"),
+                                           (b"<html>404 Not Found</html>", r"neither a safetensors file nor a "
+                                                                         r"PyTorch checkpoint \(it starts with b'<html>")])
+def test_wrong_kind_of_file(tmp_path, content, match):
+    path = tmp_path / "HPS_v2.1_compressed.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserFileError, match=match):
         load_reward_model(path)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from ..safe_io import UserFileError, load_torch_weights_only
+from ..safe_io import UserFileError
 from .base import RewardModel
 
 EXPECTED_FILES = (
@@ -25,31 +27,81 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 REWARD_EXTENSIONS = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".bin", ".ckpt")
 
 
+def sniff_format(path: Path) -> str:
+    """The file's format from its first bytes: "safetensors", "torch-zip", "pickle", "empty" or "unknown"."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":  # torch.save's default zip container
+        return "torch-zip"
+    if len(head) > 8 and head[8:9] == b"{" and head[5:8] == b"\0\0\0":
+        return "safetensors"  # a little-endian u64 header length (< 1 TB), then the JSON header
+    if head[:1] == b"\x80":  # pickle protocol 2+ (legacy torch.save)
+        return "pickle"
+    return "unknown"
+
+
+def _corrupt(path: Path, what: str, exc: BaseException) -> UserFileError:
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return UserFileError(f"{path.name} is a corrupt or truncated {what} ({detail}); download it again")
+
+
+def _read_torch_pickle(path: Path, kind: str):
+    """Weights-only load; only a pickle that names code goes on to the restricted module reader."""
+    if kind == "torch-zip" and not zipfile.is_zipfile(path):
+        raise _corrupt(path, "PyTorch checkpoint", ValueError("the zip archive has no central directory"))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise _corrupt(path, "PyTorch checkpoint", exc) from exc
+        needs_code = exc
+    except Exception as exc:  # EOFError, RuntimeError (zip reader), ...
+        raise _corrupt(path, "PyTorch checkpoint", exc) from exc
+    # A whole pickled module (the official MPS file): rebuild only its tensors, run none of its code.
+    from .convert_mps import read_pickled_module
+
+    try:
+        return read_pickled_module(path)[0]
+    except UserFileError:
+        lines = [line.strip() for line in str(needs_code).split("WeightsUnpickler error:")[-1].splitlines()]
+        unsupported = next((line for line in lines if line), "it names Python code")
+        raise UserFileError(
+            f"{path.name} is a pickle that needs code execution to load ({unsupported[:200]}) and is not a "
+            "pickled module whose weights can be read without running code. This pack never runs pickled code. "
+            "Convert it once, in a Python session you trust: `import torch; from safetensors.torch import "
+            f"save_file; save_file(torch.load('{path.name}', weights_only=False), '{path.stem}.safetensors')` "
+            "and choose the .safetensors file."
+        ) from None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or a weights-only pickle (``{'state_dict': ...}`` unwrapped)."""
+    """Tensors of a safetensors file or a weights-only torch pickle (``{'state_dict': ...}`` unwrapped).
+
+    The format is read from the file's first bytes (not its suffix) and parsed once.
+    """
     path = Path(path)
     if not path.is_file():
         where = "it is a folder, not a file" if path.is_dir() else "no such file"
         raise UserFileError(f"reward model checkpoint not found: {path} ({where}).\n{EXPECTED_FILES}")
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+    kind = sniff_format(path)
+    if kind == "empty":
+        raise UserFileError(f"{path.name} is empty (0 bytes): the download or copy did not finish; download it again")
+    if kind == "unknown":
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+        raise UserFileError(
+            f"{path.name} is neither a safetensors file nor a PyTorch checkpoint (it starts with {head!r}): a "
+            f"damaged download or not a reward model.\n{EXPECTED_FILES}")
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise UserFileError(f"{path.name} is not a readable safetensors file ({exc}); download it again") from exc
-    try:
-        data = load_torch_weights_only(path, "reward model checkpoint")
-    except UserFileError as exc:
-        # A whole pickled module (the official MPS file): rebuild only its tensors, run none of its code.
-        from .convert_mps import read_pickled_module
-
-        try:
-            data, _ = read_pickled_module(path)
-        except UserFileError:
-            raise UserFileError(
-                f"{exc}\nIt is not a pickled module whose weights can be read safely either."
-            ) from exc
+            raise _corrupt(path, "safetensors file", exc) from exc
+    data = _read_torch_pickle(path, kind)
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
