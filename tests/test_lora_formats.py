@@ -241,8 +241,27 @@ def test_executable_pickle_is_refused_with_how_to_convert(tmp_path):
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as handle:
         pickle.dump({"lora_unet_blocks_0_self_attn_q.alpha": _Executable()}, handle)
-    with pytest.raises(UserFileError, match=r"evil.ckpt.*never runs pickled code.*save_file"):
+    with pytest.raises(UserFileError, match=r"evil.ckpt is a pickle that needs code to run .*refers to builtins.print.*"
+                                             r"never runs pickled code\. Only if you trust the file's source.*save_file"):
         read_lora(path)
+    zipped = tmp_path / "evil_zip.pt"
+    torch.save({"a": _Executable()}, zipped)
+    with pytest.raises(UserFileError, match=r"evil_zip.pt is a pickle that needs code to run .*refers to print"):
+        read_lora(zipped)
+
+
+@pytest.mark.parametrize("damage", ["truncated_zip", "truncated_legacy", "text", "empty"])
+def test_corrupt_pickle_is_not_readable_and_gets_no_convert_advice(tmp_path, damage):
+    tensors = FORMATS["kohya_musubi"]("blocks.0.self_attn.q", torch.zeros(128, 4), torch.zeros(4, 128), 2.0)
+    path = tmp_path / "bad.pt"
+    if damage.startswith("truncated"):
+        torch.save(tensors, path, _use_new_zipfile_serialization=damage == "truncated_zip")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"" if damage == "empty" else b"this is a text file, not a LoRA")
+    with pytest.raises(UserFileError, match=r"bad.pt is not a readable checkpoint: .+download it again") as info:
+        read_lora(path)
+    assert "weights_only=False" not in str(info.value) and "needs code" not in str(info.value)
 
 
 def test_not_safetensors_and_corrupt_files(tmp_path):

@@ -7,9 +7,13 @@ the target (``os.replace`` is atomic on POSIX and Windows).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickletools
+import re
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -66,20 +70,64 @@ def torch_save(obj, path: str | os.PathLike) -> Path:
 def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint"):
     """Load a ``.pt/.pth/.ckpt/.bin`` file without executing pickled code.
 
-    Raises UserFileError that names the file and says how to convert it when the
-    pickle contains anything but tensors and plain containers.
+    Raises UserFileError naming the file: "not a readable checkpoint: <reason>" for a
+    truncated, corrupt or non-pickle file; for a pickle that needs code to load (a class
+    or function it refers to), the name of that code and how to convert the file, only if
+    its source is trusted.
     """
     path = Path(path)
     if not path.is_file():
         raise UserFileError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError or RuntimeError
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        torch_reason = (str(exc).strip().splitlines() or [""])[0][:200].rstrip(".")
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = named.group(1) if named else _code_in_pickle(path)
+        if isinstance(found, str):
+            raise UserFileError(
+                f"{what} {path.name} is a pickle that needs code to run to load it (it refers to {found}). "
+                "This pack never runs pickled code. Only if you trust the file's source, convert it once, "
+                "in a Python session: `import torch; from safetensors.torch import save_file; "
+                f"save_file(torch.load('{path.name}', weights_only=False), '{path.stem}.safetensors')` "
+                "and choose the .safetensors file."
+            ) from exc
+        reason = found[0] if found else f"{type(exc).__name__}: {torch_reason}"
         raise UserFileError(
-            f"{what} {path.name} is a pickle that needs code execution to load "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). This pack never runs "
-            "pickled code. Convert it once, in a Python session you trust, with "
-            "`import torch; from safetensors.torch import save_file; "
-            f"save_file(torch.load('{path.name}', weights_only=False), '{path.stem}.safetensors')` "
-            "and choose the .safetensors file."
+            f"{what} {path.name} is not a readable checkpoint: {reason}. It may be truncated, corrupt or "
+            "not a PyTorch file: download it again and compare its size with the source."
         ) from exc
+
+
+# Pickle opcodes that import or build arbitrary objects; a tensor checkpoint refers only
+# to torch's rebuild functions and plain containers, which weights_only=True allows.
+_CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ"})
+_ALLOWED_MODULES = ("torch", "collections.OrderedDict", "_codecs.encode", "numpy")
+
+
+def _code_in_pickle(path: Path) -> str | tuple[str] | None:
+    """Why a weights-only load failed, from the pickle's opcodes (``pickletools`` only reads
+    them, never runs them): the first global outside torch that a complete pickle refers to
+    (str); (why the stream is unreadable,); or None when it reads with no such global."""
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if not members:
+                return ("a zip archive without data.pkl",)
+            data = archive.read(members[0])
+    elif data.startswith(b"PK\x03\x04"):
+        return ("a zip archive (PyTorch's format) whose end is missing or damaged",)
+    strings: list[str] = []
+    code = None
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name in _CODE_OPCODES and code is None:
+                name = arg.replace(" ", ".") if opcode.name in ("GLOBAL", "INST") else ".".join(strings[-2:])
+                if opcode.name == "OBJ" or not name.startswith(_ALLOWED_MODULES):
+                    code = name or opcode.name
+    except (ValueError, EOFError) as exc:  # truncated, or not a pickle at all
+        return (f"not a complete pickle ({str(exc)[:160]})",)
+    return code
