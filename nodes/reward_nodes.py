@@ -64,10 +64,10 @@ def load_cached(path: str, device: torch.device, dtype: torch.dtype, variant: st
 
 
 def _image_to_frames(images: torch.Tensor, what: str = "images") -> torch.Tensor:
-    """ComfyUI IMAGE [B, H, W, C] -> [B, 3, H, W] (alpha dropped)."""
+    """ComfyUI IMAGE [B, H, W, C] -> [B, C, H, W] (the reward models drop an alpha channel)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError(f"{what} must be an IMAGE batch [B, H, W, C], got {getattr(images, 'shape', type(images))}")
-    return images[..., :3].permute(0, 3, 1, 2)
+    return images.permute(0, 3, 1, 2)
 
 
 def _frame_inputs() -> list:

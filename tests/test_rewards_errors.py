@@ -162,7 +162,7 @@ def test_zero_frames(hps):
         motion_score(torch.rand(0, 3, 8, 8))
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (3, 64, 64), (1, 4, 64, 64)])
+@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (3, 64, 64), (1, 2, 64, 64), (1, 5, 64, 64)])
 def test_wrong_shape(hps, shape):
     with pytest.raises(ValueError, match=r"shape \[B, 3, H, W\].*" + str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")):
         hps.score(torch.rand(shape), ["a cat"])
@@ -180,6 +180,12 @@ def test_wrong_range_and_dtype(hps):
 def test_bad_preprocess_mode(hps):
     with pytest.raises(ValueError, match="preprocess must be one of .*'crop'"):
         hps.score(torch.rand(1, 3, 32, 32), ["a cat"], preprocess="crop")
+
+
+def test_motion_ignores_alpha():
+    frames = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rgba = torch.cat([frames, torch.rand(3, 1, 16, 16)], 1)  # alpha changing between frames
+    assert motion_score(rgba) == motion_score(frames)
 
 
 def test_motion_score_measures_change():

@@ -64,6 +64,39 @@ def test_batched_video_equals_reference(setup):
     assert torch.allclose(got, torch.tensor(expected), atol=1e-5, rtol=0), (got, expected)
 
 
+def test_long_side_already_224_is_padded_like_the_reference_pads(setup):
+    """224x150: the reference skips its pad when no resize is needed and then cannot score the
+    image; we pad it, and equal the reference on the same image padded by hand (centred, black)."""
+    (img_score, model, preprocess_val), ours, checkpoint = setup
+    array = _image(224, 150, 21)
+    with pytest.raises(RuntimeError, match="size of tensor"):  # 29 tokens vs 50 positional embeddings
+        reference_scores(img_score, model, preprocess_val, [Image.fromarray(array)], PROMPTS[0], checkpoint)
+    padded = np.zeros((224, 224, 3), np.uint8)
+    padded[:, 37:187] = array  # left = pad_w // 2 = 37
+    expected = reference_scores(img_score, model, preprocess_val, [Image.fromarray(padded)], PROMPTS[0], checkpoint)
+    got = ours.score(_frames([array])[0], [PROMPTS[0]])
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-5, rtol=0), (got, expected)
+    assert torch.equal(ours.preprocess_frames(_frames([array])[0], "reference"),
+                       preprocess_val(Image.fromarray(padded)).unsqueeze(0))
+
+
+def test_rgba_frames_score_as_their_rgb(setup):
+    """RGBA: the reference keeps the alpha channel and cannot score it; we drop alpha (not composited),
+    equal to the reference on the RGB image."""
+    (img_score, model, preprocess_val), ours, checkpoint = setup
+    array = _image(300, 200, 22)
+    alpha = np.random.default_rng(0).integers(0, 256, (300, 200, 1), dtype=np.uint8)
+    rgba = np.concatenate([array, alpha], -1)
+    with pytest.raises(RuntimeError, match="4 channels"):
+        reference_scores(img_score, model, preprocess_val, [Image.fromarray(rgba, "RGBA")], PROMPTS[0], checkpoint)
+    expected = reference_scores(img_score, model, preprocess_val, [Image.fromarray(array)], PROMPTS[0], checkpoint)
+    frames = torch.from_numpy(rgba).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    assert frames.shape == (1, 4, 300, 200)
+    got = ours.score(frames, [PROMPTS[0]])
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-5, rtol=0), (got, expected)
+    assert torch.equal(ours.preprocess_frames(frames, "squash"), ours.preprocess_frames(frames[:, :3], "squash"))
+
+
 def test_our_open_clip_forward_equals_reference_model(setup):
     """Same state dict, same image tensor: open_clip 3.x (ours) vs hpsv2's vendored open_clip."""
     (img_score, model, preprocess_val), ours, _ = setup

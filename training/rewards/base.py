@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .preprocess import check_frames, check_mode
+from .preprocess import check_frames, check_mode, rgb
 from .tokenizers import check_prompts
 
 
 class RewardModel(torch.nn.Module):
     """A frozen preference model: ``score(frames, prompts) -> [B]``, higher is better.
 
-    ``score`` is differentiable w.r.t. ``frames`` (float [B, 3, H, W] in [0, 1]).
+    ``score`` is differentiable w.r.t. ``frames`` (float [B, 3, H, W] in [0, 1]; an RGBA
+    batch [B, 4, H, W] has its alpha dropped).
     Prompt features are computed once per distinct prompt and cached.
     ``preprocess`` is "reference" (the model's own published pipeline) or "squash"
     (the seed's training transform: stretch to 224x224; equal for square frames).
@@ -60,7 +61,7 @@ class RewardModel(torch.nn.Module):
         prompts = check_prompts(prompts, frames.shape[0])
         mode = check_mode(preprocess or self.preprocess)
         features = self._cached_prompt_features(prompts)
-        frames = frames.to(self.device, torch.float32)
+        frames = rgb(frames).to(self.device, torch.float32)
         return self._score_pixels(frames, features, mode).float()
 
     def forward(self, frames: torch.Tensor, prompts, preprocess: str | None = None) -> torch.Tensor:

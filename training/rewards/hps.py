@@ -11,7 +11,7 @@ import re
 import torch
 
 from .base import RewardModel
-from .preprocess import normalize, resize_long_side_and_pad, squash
+from .preprocess import normalize, resize_long_side_and_pad, rgb, squash
 from .tokenizers import hps_tokenize
 
 # Keys that make a state dict an open_clip CLIP (HPS layout).
@@ -91,7 +91,7 @@ class HPSRewardModel(RewardModel):
 
     def preprocess_frames(self, frames: torch.Tensor, mode: str) -> torch.Tensor:
         resize = resize_long_side_and_pad if mode == "reference" else squash
-        return normalize(resize(frames, self.image_size))
+        return normalize(resize(rgb(frames), self.image_size))
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(pixels.to(self.dtype), normalize=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .preprocess import check_frames
+from .preprocess import check_frames, rgb
 
 
 def motion_score(frames: torch.Tensor) -> float:
-    """Mean absolute difference of consecutive frames, x100 (0 = still; [T, 3, H, W] in [0, 1]).
+    """Mean absolute difference of consecutive frames, x100 (0 = still; [T, 3, H, W] in [0, 1], alpha dropped).
 
     A single frame has no motion: 0.0.
     """
@@ -16,7 +16,7 @@ def motion_score(frames: torch.Tensor) -> float:
     if frames.shape[0] < 2:
         return 0.0
     with torch.no_grad():
-        frames = frames.detach().float()
+        frames = rgb(frames.detach()).float()
         return float((frames[1:] - frames[:-1]).abs().mean()) * 100.0
 
 
@@ -24,5 +24,5 @@ def motion_per_step(frames: torch.Tensor) -> list[float]:
     """Per consecutive pair, the same measure as ``motion_score`` (length T-1)."""
     check_frames(frames)
     with torch.no_grad():
-        frames = frames.detach().float()
+        frames = rgb(frames.detach()).float()
         return [float(v) * 100.0 for v in (frames[1:] - frames[:-1]).abs().flatten(1).mean(1)]

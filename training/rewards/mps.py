@@ -16,7 +16,7 @@ import torch
 
 from .base import RewardModel
 from .cross_model import CrossModel
-from .preprocess import normalize, resize_short_side_and_crop, squash
+from .preprocess import normalize, resize_short_side_and_crop, rgb, squash
 from .tokenizers import mps_tokenize
 
 CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, "
@@ -141,7 +141,7 @@ class MPSRewardModel(RewardModel):
 
     def preprocess_frames(self, frames: torch.Tensor, mode: str) -> torch.Tensor:
         resize = resize_short_side_and_crop if mode == "reference" else squash
-        pixels = normalize(resize(frames, self.image_size))
+        pixels = normalize(resize(rgb(frames), self.image_size))
         # The reference rounds pixels to fp16 (``px.half()``) whatever the model dtype.
         return pixels.half().to(self.dtype)
 

@@ -17,13 +17,14 @@ RANGE_TOLERANCE = 1e-3
 
 
 def check_frames(frames, what: str = "frames") -> None:
-    """Raise ValueError naming the problem unless ``frames`` is float [B>0, 3, H>0, W>0] in [0, 1]."""
+    """Raise ValueError naming the problem unless ``frames`` is float [B>0, 3 or 4, H>0, W>0] in [0, 1]
+    (a 4th channel is alpha: ``rgb`` drops it)."""
     if not isinstance(frames, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor [B, 3, H, W] in [0, 1], got {type(frames).__name__}")
-    if frames.ndim != 4 or frames.shape[1] != 3:
+    if frames.ndim != 4 or frames.shape[1] not in (3, 4):
         raise ValueError(
-            f"{what} must have shape [B, 3, H, W] (RGB, channels first), got {tuple(frames.shape)}; "
-            "ComfyUI IMAGE batches are [B, H, W, C]: permute(0, 3, 1, 2) them, and drop an alpha channel"
+            f"{what} must have shape [B, 3, H, W] (RGB, channels first; RGBA's alpha is dropped), got "
+            f"{tuple(frames.shape)}; ComfyUI IMAGE batches are [B, H, W, C]: permute(0, 3, 1, 2) them"
         )
     if frames.shape[0] == 0:
         raise ValueError(f"{what} is empty (0 frames): nothing to score")
@@ -41,6 +42,11 @@ def check_frames(frames, what: str = "frames") -> None:
             f"{what} must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] "
             "(decoded VAE output in [-1, 1] needs (x + 1) / 2; 0..255 needs / 255)"
         )
+
+
+def rgb(frames: torch.Tensor) -> torch.Tensor:
+    """Drop an alpha channel ([B, 4, H, W] -> [B, 3, H, W]); the colour is scored as it is, not composited."""
+    return frames[:, :3] if frames.shape[1] == 4 else frames
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
