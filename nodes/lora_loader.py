@@ -21,13 +21,21 @@ from ..training.lora_pairing import partner_name
 
 NONE = "None"
 _CACHE_SIZE = 4
-_CACHE: OrderedDict[tuple[str, int, int], LoadedLora] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, int, int, int, int], LoadedLora] = OrderedDict()
+
+
+def _file_key(path: str) -> tuple[str, int, int, int, int]:
+    stat = os.stat(path)
+    return (path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 def read_cached(path: str) -> LoadedLora:
-    """``read_lora`` with a small cache keyed by path, mtime and size."""
-    stat = os.stat(path)
-    key = (path, stat.st_mtime_ns, stat.st_size)
+    """``read_lora`` with a small cache keyed by path, size, mtime, ctime and inode.
+
+    ctime changes on every write (and cannot be set back like mtime), the inode on an
+    atomic replace, so a replaced file is re-read even with the same size and mtime.
+    """
+    key = _file_key(path)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -120,6 +128,18 @@ class WanRewardDualLoraLoader(io.ComfyNode):
             except LoraInputError as exc:
                 return str(exc)
         return True
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_high=None, lora_low=None, **_) -> tuple:
+        """Changes when a chosen file is replaced, so ComfyUI re-runs the node (same key as the cache)."""
+        keys = []
+        for name in (lora_high, lora_low):
+            path = folder_paths.get_full_path("loras", name) if name and name != NONE else None
+            try:
+                keys.append(_file_key(path) if path else None)
+            except OSError:
+                keys.append(None)
+        return tuple(keys)
 
     @classmethod
     def execute(cls, model_high, model_low, lora_high, strength_high, lora_low, strength_low) -> io.NodeOutput:

@@ -139,14 +139,14 @@ def test_strength_out_of_range_is_rejected_with_the_value(comfyui, setup):
         comfyui.queue(prompt)
 
 
-def test_strength_change_reuses_the_read_file_until_it_changes(comfyui, setup):
-    """The module cache is keyed by path+mtime+size: a new strength does not re-read the file."""
+def test_strength_change_reuses_the_read_file_and_a_replaced_file_is_re_read(comfyui, setup):
+    """The file cache survives a strength change; a file replaced in place (same size, old
+    mtime put back) or atomically (new inode) is read again, even at an unchanged strength."""
     experts, _ = setup
     module = "blocks.0.cross_attn.v"
-    first = random_lora(experts["high"], [module], rank=4, alpha=4.0, seed=21)
-    second = random_lora(experts["high"], [module], rank=4, alpha=4.0, seed=22)
+    loras = [random_lora(experts["high"], [module], rank=4, alpha=4.0, seed=21 + i) for i in range(3)]
     path = comfyui.model_path("loras", "cache_probe.safetensors")
-    save_file(_underscore(first, "lora_unet_"), path)
+    save_file(_underscore(loras[0], "lora_unet_"), path)
     stat = path.stat()
 
     def patched(strength, name):
@@ -156,12 +156,18 @@ def test_strength_change_reuses_the_read_file_until_it_changes(comfyui, setup):
         return load_file(comfyui.output / f"{name}.safetensors")[f"diffusion_model.{module}.weight"]
 
     base = experts["high"][f"{module}.weight"]
-    assert torch.allclose(patched(0.5, "cache1"), expected_weight(base, *first[module], 0.5), atol=1e-6, rtol=0)
-    save_file(_underscore(second, "lora_unet_"), path)  # same size; put the old mtime back: the cache cannot tell
+    assert torch.allclose(patched(0.5, "cache1"), expected_weight(base, *loras[0][module], 0.5), atol=1e-6, rtol=0)
+    # the same tensors are served for a new strength (the file is unchanged)
+    assert torch.allclose(patched(0.25, "cache2"), expected_weight(base, *loras[0][module], 0.25), atol=1e-6, rtol=0)
+    save_file(_underscore(loras[1], "lora_unet_"), path)  # in place, same size, then the old mtime back
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert torch.allclose(patched(0.25, "cache2"), expected_weight(base, *first[module], 0.25), atol=1e-6, rtol=0)
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # now it is a new file
-    assert torch.allclose(patched(0.2, "cache3"), expected_weight(base, *second[module], 0.2), atol=1e-6, rtol=0)
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert torch.allclose(patched(0.2, "cache3"), expected_weight(base, *loras[1][module], 0.2), atol=1e-6, rtol=0)
+    other = path.with_name("cache_probe.tmp")
+    save_file(_underscore(loras[2], "lora_unet_"), other)
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, path)  # atomic replace: new inode, same size and mtime
+    assert torch.allclose(patched(0.2, "cache4"), expected_weight(base, *loras[2][module], 0.2), atol=1e-6, rtol=0)
 
 
 def test_frontend_extension_is_served(comfyui):
