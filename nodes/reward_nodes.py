@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import OrderedDict
@@ -157,15 +158,31 @@ class WanRewardScoreFrames(io.ComfyNode):
                              ui={"text": (text,), **ui.PreviewImage(plot, cls=cls).as_dict()})
 
 
+def _match_frames(batch: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``batch`` at ``like``'s frame size and channel count (ComfyUI's bilinear upscale; alpha dropped or opaque)."""
+    if batch.shape[1:3] != like.shape[1:3]:
+        import comfy.utils
+
+        batch = comfy.utils.common_upscale(batch.movedim(-1, 1), like.shape[2], like.shape[1], "bilinear",
+                                           "disabled").movedim(1, -1)
+    if batch.shape[-1] > like.shape[-1]:
+        batch = batch[..., :like.shape[-1]]
+    elif batch.shape[-1] < like.shape[-1]:
+        batch = torch.cat([batch, torch.ones_like(batch[..., :1]).expand(*batch.shape[:-1],
+                                                                        like.shape[-1] - batch.shape[-1])], -1)
+    return batch
+
+
 class WanRewardPickBest(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        candidates = [io.Image.Input(f"candidate_{i}", optional=i > 2, tooltip="a frame batch (e.g. one seed)")
+        candidates = [io.Image.Input(f"candidate_{i}", optional=i > 2,
+                                     tooltip=f"a frame batch (e.g. one seed); index {i - 1} in the outputs")
                       for i in range(1, MAX_CANDIDATES + 1)]
         return io.Schema(
             node_id="WanRewardPickBest", display_name="Pick Best by Reward", category=CATEGORY,
             description="Best-of-N: score candidate frame batches by mean reward; output the best, the top k "
-                        "above a threshold, and the rest.",
+                        "above a threshold, and the rest. Indices are 0-based: index i is candidate_{i+1}.",
             inputs=[
                 RewardModelType.Input("reward_model"),
                 io.String.Input("prompt", multiline=True, default=""),
@@ -173,15 +190,22 @@ class WanRewardPickBest(io.ComfyNode):
                 *_frame_inputs(),
                 io.Int.Input("top_k", default=1, min=1, max=MAX_CANDIDATES),
                 io.Float.Input("threshold", default=-1000.0, min=-1000.0, max=1000.0, step=0.001,
-                               tooltip="keep only candidates whose mean score is at least this"),
+                               tooltip="keep only candidates whose mean score is at least this (-1000: no "
+                                       "threshold); when none reaches it, top_k holds the best alone"),
             ],
             outputs=[
                 io.Image.Output(display_name="best"),
-                io.Int.Output(display_name="best_index"),
+                io.Int.Output(display_name="best_index",
+                              tooltip="0-based, like ComfyUI batch indices: 0 = candidate_1, 1 = candidate_2, ..."),
                 io.Float.Output(display_name="best_score"),
-                io.Image.Output(display_name="top_k"),
-                io.Image.Output(display_name="rejected"),
-                io.String.Output(display_name="report_json"),
+                io.Image.Output(display_name="top_k",
+                                tooltip="the best top_k at or above the threshold, in rank order (never empty: "
+                                        "the best alone when none reaches it); other frame sizes are resized to "
+                                        "the best's"),
+                io.Image.Output(display_name="rejected",
+                                tooltip="the other candidates in rank order, resized to the best's frame size; "
+                                        "an empty batch (0 frames) when there are none"),
+                io.String.Output(display_name="report_json", tooltip="ranking and per-candidate reports, 0-based"),
             ],
             is_output_node=True,
         )
@@ -189,22 +213,25 @@ class WanRewardPickBest(io.ComfyNode):
     @classmethod
     def execute(cls, reward_model, prompt, frames, n, preprocess, batch_size, top_k, threshold,
                 **candidates) -> io.NodeOutput:
-        batches = [candidates[f"candidate_{i}"] for i in range(1, MAX_CANDIDATES + 1)
-                   if candidates.get(f"candidate_{i}") is not None]
-        reports = [score_report(reward_model, _image_to_frames(b, f"candidate {i + 1}"), prompt, frames, n,
-                                batch_size, preprocess) for i, b in enumerate(batches)]
-        pick = pick_best(reports, top_k, threshold if threshold > -1000.0 else -math.inf)
+        batches = {i: candidates[f"candidate_{i + 1}"] for i in range(MAX_CANDIDATES)
+                   if candidates.get(f"candidate_{i + 1}") is not None}
+        slots = list(batches)
+        reports = [dict(score_report(reward_model, _image_to_frames(batches[i], f"candidate_{i + 1}"), prompt,
+                                     frames, n, batch_size, preprocess), index=i, input=f"candidate_{i + 1}")
+                   for i in slots]
+        pick = pick_best(reports, top_k, threshold if threshold > -1000.0 else -math.inf, indices=slots)
         best = batches[pick["best"]]
+        resized = [i for i in slots if batches[i].shape[1:] != best.shape[1:]]
 
         def join(indices):
-            same = [batches[i] for i in indices if batches[i].shape[1:] == best.shape[1:]]
-            return torch.cat(same) if same else best[:0]
+            return torch.cat([_match_frames(batches[i], best) for i in indices]) if indices else best[:0]
 
-        text = pick_text(pick, reports)
-        report = {"pick": pick, "candidates": reports}
-        import json
-
-        return io.NodeOutput(best, pick["best"] + 1, pick["best_score"], join(pick["kept"]),
+        text = pick_text(pick, reports, slots)
+        if resized:
+            text += f"\nresized to the best's {best.shape[2]}x{best.shape[1]} frames: indices {resized}"
+        report = {"indices": "0-based: index i is input candidate_{i+1}", "pick": pick, "resized": resized,
+                  "candidates": reports}
+        return io.NodeOutput(best, pick["best"], pick["best_score"], join(pick["top_k"]),
                              join(pick["rejected"]), json.dumps(report, indent=1), ui=ui.PreviewText(text))
 
 

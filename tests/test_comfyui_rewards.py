@@ -156,8 +156,53 @@ def test_pick_best(comfyui, setup):
         "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
     }
     outputs = comfyui.run(prompt)
-    assert int(outputs["6"]["text"][0]) == int(np.argmax(expected)) + 1
-    assert "best: candidate" in outputs["5"]["text"][0]
+    assert int(outputs["6"]["text"][0]) == int(np.argmax(expected))  # 0-based
+    assert outputs["5"]["text"][0].startswith(f"best: index {int(np.argmax(expected))} ")
+
+
+def test_pick_best_resizes_other_sizes_and_never_returns_an_empty_top_k(comfyui, setup):
+    frames, expected = setup
+    small = np.random.default_rng(5).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(small).save(comfyui.input / "reward_frame_small.png")
+    small_score = float(load_reward_model(comfyui.model_path("reward_models", "tiny/HPS_v2.1_tiny.pt")).score(
+        torch.from_numpy(small).permute(2, 0, 1).float().unsqueeze(0) / 255, [PROMPT])[0])
+    scores = {0: expected[0], 1: expected[1], 3: small_score}  # candidate_3 left unconnected
+    ranking = sorted(scores, key=scores.get, reverse=True)
+
+    def run(top_k, threshold):
+        prompt = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_0.png"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_1.png"}},
+            "3": {"class_type": "LoadImage", "inputs": {"image": "reward_frame_small.png"}},
+            "4": {"class_type": "WanRewardLoadRewardModel",
+                  "inputs": {"model_name": "tiny/HPS_v2.1_tiny.pt", "dtype": "float32", "device": "cpu",
+                             "mps_variant": "official"}},
+            "5": {"class_type": "WanRewardPickBest",
+                  "inputs": {"reward_model": ["4", 0], "prompt": PROMPT, "candidate_1": ["1", 0],
+                             "candidate_2": ["2", 0], "candidate_4": ["3", 0], "frames": "all", "n": 1,
+                             "preprocess": "reference", "batch_size": 4, "top_k": top_k, "threshold": threshold}},
+            "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+            "7": {"class_type": "PreviewAny", "inputs": {"source": ["5", 5]}},
+            "8": {"class_type": "GetImageSize", "inputs": {"image": ["5", 3]}},
+            "9": {"class_type": "PreviewAny", "inputs": {"source": ["8", 2]}},
+            "10": {"class_type": "GetImageSize", "inputs": {"image": ["5", 0]}},
+            "11": {"class_type": "PreviewAny", "inputs": {"source": ["10", 0]}},
+        }
+        outputs = comfyui.run(prompt)
+        return (int(outputs["6"]["text"][0]), json.loads(outputs["7"]["text"][0]), int(outputs["9"]["text"][0]),
+                int(outputs["11"]["text"][0]))
+
+    best_index, report, top_k_frames, best_width = run(3, -1000.0)
+    assert best_index == ranking[0] and report["pick"]["ranking"] == ranking and report["pick"]["top_k"] == ranking
+    assert [c["index"] for c in report["candidates"]] == [0, 1, 3]
+    assert [c["input"] for c in report["candidates"]] == ["candidate_1", "candidate_2", "candidate_4"]
+    assert np.allclose([c["mean"] for c in report["candidates"]], [scores[i] for i in (0, 1, 3)], atol=1e-5)
+    assert top_k_frames == 3  # the other-size candidate is resized in, not dropped
+    assert report["resized"] == ([3] if ranking[0] != 3 else [0, 1])
+    assert best_width == (80 if ranking[0] == 3 else 160)
+    best_index, report, top_k_frames, _ = run(2, 1000.0)  # nothing reaches the threshold
+    assert top_k_frames == 1 and report["pick"]["top_k"] == [ranking[0]] and not report["pick"]["threshold_met"]
+    assert report["pick"]["rejected"] == ranking[1:]
 
 
 def test_two_models_weighted(comfyui, setup):

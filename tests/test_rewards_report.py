@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.rewards import load_reward_model
-from training.rewards.report import (pick_best, plot_scores, report_json, report_text, score_report,
+from training.rewards.report import (pick_best, pick_text, plot_scores, report_json, report_text, score_report,
                                      select_frames)
 from training.rewards.tiny import write_tiny_hps_checkpoint
 
@@ -48,6 +48,19 @@ def test_score_report_plot_and_pick(tmp_path):
     reports = [dict(report, mean=m) for m in (0.1, 0.3, 0.2)]
     pick = pick_best(reports, top_k=2, threshold=0.25)
     assert pick["best"] == 1 and pick["ranking"] == [1, 2, 0] and pick["kept"] == [1] and pick["rejected"] == [2, 0]
+    assert pick["top_k"] == [1] and pick["threshold_met"]
+
+
+def test_pick_best_indices_and_empty_threshold():
+    reports = [{"mean": m, "model": "hps_v2.1", "motion": 1.0} for m in (0.1, 0.3, 0.2)]
+    # candidate inputs 1, 4 and 6 connected: indices are 0-based input slots
+    pick = pick_best(reports, top_k=2, threshold=0.15, indices=[0, 3, 5])
+    assert pick["best"] == 3 and pick["ranking"] == [3, 5, 0] and pick["top_k"] == [3, 5] and pick["rejected"] == [0]
+    none = pick_best(reports, top_k=2, threshold=0.5)
+    assert none["kept"] == [] and none["top_k"] == [1] and not none["threshold_met"] and none["rejected"] == [2, 0]
+    text = pick_text(none, reports)
+    assert text.startswith("best: index 1 (0.3000); top_k [1] (no candidate reaches the threshold")
+    assert "1. index 1:" in text and "3. index 0:" in text
 
 
 def test_combined_reports_and_panels(tmp_path):

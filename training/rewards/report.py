@@ -72,21 +72,37 @@ def report_json(report: dict) -> str:
     return json.dumps(report, indent=1)
 
 
-def pick_best(reports: list[dict], top_k: int = 1, threshold: float = -math.inf) -> dict:
-    """Rank candidates by mean score: best index, the top-k at or above ``threshold``, the rest."""
+def pick_best(reports: list[dict], top_k: int = 1, threshold: float = -math.inf,
+              indices: list[int] | None = None) -> dict:
+    """Rank candidates by mean score. Every index is 0-based: ``indices[i]`` names report i
+    (default ``i``; the node passes N-1 for its input ``candidate_N``).
+
+    ``kept``: the best ``top_k`` whose mean is at least ``threshold`` (may be empty).
+    ``top_k``: ``kept``, or the best alone when none reaches the threshold (``threshold_met``
+    False), so it is never empty. ``rejected``: the ranking without ``top_k`` (may be empty).
+    """
     if not reports:
         raise ValueError("no candidates to pick from")
+    names = list(range(len(reports))) if indices is None else list(indices)
+    if len(names) != len(reports):
+        raise ValueError(f"{len(names)} indices for {len(reports)} candidates")
     order = sorted(range(len(reports)), key=lambda i: reports[i]["mean"], reverse=True)
     kept = [i for i in order[:max(1, top_k)] if reports[i]["mean"] >= threshold]
-    return {"best": order[0], "best_score": reports[order[0]]["mean"], "ranking": order, "kept": kept,
-            "rejected": [i for i in order if i not in kept]}
+    top = kept or order[:1]
+    return {"best": names[order[0]], "best_score": reports[order[0]]["mean"], "ranking": [names[i] for i in order],
+            "kept": [names[i] for i in kept], "top_k": [names[i] for i in top], "threshold_met": bool(kept),
+            "rejected": [names[i] for i in order if i not in top]}
 
 
-def pick_text(pick: dict, reports: list[dict]) -> str:
-    lines = [f"best: candidate {pick['best'] + 1} ({pick['best_score']:.4f}); kept {[i + 1 for i in pick['kept']]}"]
-    for rank, i in enumerate(pick["ranking"], 1):
-        lines.append(f"{rank}. candidate {i + 1}: {reports[i]['model']} {reports[i]['mean']:.4f}, "
-                     f"motion {reports[i]['motion']:.2f}")
+def pick_text(pick: dict, reports: list[dict], indices: list[int] | None = None) -> str:
+    """The ranking as text, with 0-based indices (index i is the node's input candidate_{i+1})."""
+    names = list(range(len(reports))) if indices is None else list(indices)
+    by_index = dict(zip(names, reports))
+    lines = [f"best: index {pick['best']} ({pick['best_score']:.4f}); top_k {pick['top_k']}"
+             + ("" if pick["threshold_met"] else " (no candidate reaches the threshold: the best alone)")]
+    for rank, index in enumerate(pick["ranking"], 1):
+        report = by_index[index]
+        lines.append(f"{rank}. index {index}: {report['model']} {report['mean']:.4f}, motion {report['motion']:.2f}")
     return "\n".join(lines)
 
 
