@@ -93,7 +93,9 @@ class ComfyUIServer:
             "--database-url", "sqlite:///:memory:",
             "--disable-auto-launch", "--disable-api-nodes",
         ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Training locks are per machine; give each test server its own, so parallel
+        # test runs on one machine do not see each other's trainings.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", WAN_REWARD_LOCK_DIR=str(self.base / "locks"))
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT,
