@@ -184,3 +184,30 @@ def test_second_run_into_the_same_folder_is_refused(tiny_models):
         message = comfyui.run_expecting_error(train_prompt("tiny_locked", steps=1))
     assert "the run 'tiny_locked' is already training (another training in this test" in message, message
     assert not (runs / "tiny_locked").exists()
+
+
+def test_prompts_encoded_with_comfyui_umt5_clip(tiny_models):
+    """The CLIP path: ComfyUI's Wan umT5 classes (tiny config) encode the prompts in the node; the
+    embeddings the trainer gets equal CLIPTextEncode's conditioning cut to the prompt's tokens."""
+    from safetensors.torch import load_file
+
+    from training.trainer.models import read_prompt_embeddings
+
+    comfyui = tiny_models
+    graph = train_prompt("tiny_clip", steps=1, prompt_embeddings="")
+    graph["1"]["inputs"]["clip"] = ["2", 0]
+    graph.update({
+        "2": {"class_type": "ProbeTinyUMT5Clip", "inputs": {"seed": 0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPTS[0], "clip": ["2", 0]}},
+        "4": {"class_type": "ProbeSaveConditioning", "inputs": {"conditioning": ["3", 0], "filename": "clip_cond"}},
+    })
+    outputs = comfyui.run(graph, timeout=300)
+    assert json.loads(outputs["1"]["text"][0])["reason"] == "completed"
+    embeddings = read_prompt_embeddings(comfyui.output / "wan_reward_lora" / "tiny_clip" / "prompt_embeddings.safetensors")
+    assert sorted(embeddings) == sorted(PROMPTS + [""])  # "" for the CFG negative (guidance 3)
+    cond = load_file(outputs["4"]["text"][0])["cond"][0]  # [512, 4096], zero-padded by ComfyUI
+    mine = embeddings[PROMPTS[0]]
+    assert mine.shape[1] == 4096 and 2 <= mine.shape[0] < 512
+    assert torch.allclose(mine, cond[: mine.shape[0]], atol=1e-5)
+    assert float(cond[mine.shape[0]:].abs().max()) == 0.0  # nothing but padding was cut
+    assert float(mine[-1].abs().max()) > 0  # the end token is kept

@@ -54,5 +54,65 @@ class ProbeRandomConditioning:
         return ([[cond, {}]],)
 
 
+class ProbeTinyUMT5Clip:
+    """A CLIP with ComfyUI's real Wan umT5 classes (tokenizer, padding, masking) at a tiny size:
+    config overrides through model_options, a small SentencePiece model with umT5's special ids
+    (pad 0, eos 1), seeded random weights. CLIPLoader cannot load such a file (its config is xxl)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        import io
+
+        import comfy.sd
+        import comfy.supported_models_base
+        import comfy.text_encoders.wan
+        import sentencepiece
+        import torch
+
+        corpus = ["a red fox running through snow", "a sailboat on a calm lake at sunset",
+                  "a city street at night with neon signs", "a cat sleeping on a windowsill"] * 20
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=model, vocab_size=60, pad_id=0, eos_id=1, unk_id=2,
+            bos_id=-1, model_type="unigram", hard_vocab_limit=False)
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer,
+                                                        comfy.text_encoders.wan.te())
+        config = {"num_layers": 1, "d_ff": 64, "num_heads": 2, "d_kv": 16, "vocab_size": 64}
+        clip = comfy.sd.CLIP(target=target, tokenizer_data={"spiece_model": model.getvalue()},
+                             model_options={"umt5xxl_model_config": config, "dtype": torch.float32})
+        gen = torch.Generator().manual_seed(seed)
+        state = {k: torch.randn(v.shape, generator=gen) * 0.05 + (1.0 if "layer_norm" in k else 0.0)
+                 for k, v in clip.cond_stage_model.state_dict().items()}
+        clip.cond_stage_model.load_state_dict(state)
+        return (clip,)
+
+
+class ProbeSaveConditioning:
+    """Writes a CONDITIONING's tensor to the output folder (what CLIPTextEncode produced)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "filename": ("STRING", {"default": "cond"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, conditioning, filename):
+        path = os.path.join(folder_paths.get_output_directory(), os.path.basename(filename) + ".safetensors")
+        save_file({"cond": conditioning[0][0].float().contiguous()}, path)
+        return {"ui": {"text": [path]}}
+
+
 NODE_CLASS_MAPPINGS = {"ProbeSaveModelWeights": ProbeSaveModelWeights,
-                       "ProbeRandomConditioning": ProbeRandomConditioning}
+                       "ProbeRandomConditioning": ProbeRandomConditioning,
+                       "ProbeTinyUMT5Clip": ProbeTinyUMT5Clip,
+                       "ProbeSaveConditioning": ProbeSaveConditioning}
