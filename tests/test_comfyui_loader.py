@@ -1,4 +1,5 @@
-"""The Wan Dual LoRA Loader inside a real ComfyUI: two tiny experts, LoRAs in several formats.
+"""The Wan Dual LoRA Loader inside a real ComfyUI: two tiny experts, LoRAs in every format
+of test_lora_formats (plus rsLoRA and .diff/.diff_b), patched by ComfyUI itself.
 
 Patched weights are read back with the test-only probe node (tests/comfy_probe_pack),
 which loads the model the way a sampler does, and compared with W + s*alpha/r*up@down
@@ -111,6 +112,82 @@ def test_dual_loader_patches_both_experts(comfyui, setup):
         # core LoraLoaderModelOnly left the weight as it was
         assert torch.equal(core_low[key], experts["low"][f"{module}.weight"]), module
     assert not torch.equal(low[f"diffusion_model.{Q}.weight"], experts["low"][f"{Q}.weight"])
+
+
+def _format_cases(experts):
+    """{case: (expert, file tensors, metadata, {model key: expected weight})} for every format
+    of test_lora_formats (and rsLoRA, .diff/.diff_b), each on one expert at its own strength."""
+    import json
+    import math
+
+    from test_lora_formats import FORMATS, WITH_ALPHA
+
+    modules = linear_module_names()
+    cases = {}
+    for i, fmt in enumerate(sorted(FORMATS) + ["rslora"]):
+        expert = ("high", "low")[i % 2]
+        strength = round(0.3 + 0.05 * i, 2)
+        sd = experts[expert]
+        lora = random_lora(sd, modules, rank=4, alpha=2.0 if fmt in WITH_ALPHA else None, seed=100 + i)
+        tensors = {}
+        for m, (up, down, alpha) in lora.items():
+            tensors |= FORMATS["peft_diffusers" if fmt == "rslora" else fmt](m, up, down, alpha)
+        metadata, alpha_of = None, (lambda a: a)
+        if fmt == "rslora":  # scale lora_alpha / sqrt(rank): as alpha/rank with alpha = lora_alpha * sqrt(rank)
+            metadata = {"lora_adapter_metadata": json.dumps(
+                {"transformer.r": 4, "transformer.lora_alpha": 8.0, "transformer.use_rslora": True})}
+            alpha_of = lambda a: 8.0 * math.sqrt(4)  # noqa: E731
+        want = {f"diffusion_model.{m}.weight": expected_weight(sd[f"{m}.weight"], up, down, alpha_of(alpha), strength)
+                for m, (up, down, alpha) in lora.items()}
+        cases[fmt] = (expert, strength, tensors, metadata, want)
+    # ComfyUI's full-weight differences: on a norm (weight and bias) and on a Linear
+    gen = torch.Generator().manual_seed(7)
+    diffs = {m: (torch.randn(sd_shape, generator=gen) * 0.01, torch.randn(b_shape, generator=gen) * 0.01)
+             for m, sd_shape, b_shape in (("blocks.0.norm3", (128,), (128,)), ("blocks.1.self_attn.k", (128, 128), (128,)))}
+    want = {}
+    for m, (d, db) in diffs.items():
+        want[f"diffusion_model.{m}.weight"] = experts["low"][f"{m}.weight"].float() + 0.8 * d
+        want[f"diffusion_model.{m}.bias"] = experts["low"][f"{m}.bias"].float() + 0.8 * db
+    cases["diff_diff_b"] = ("low", 0.8, {f"diffusion_model.{m}.{p}": t for m, (d, db) in diffs.items()
+                                         for p, t in (("diff", d), ("diff_b", db))}, None, want)
+    return cases
+
+
+def test_every_format_patches_like_the_formula_in_comfyui(comfyui, setup):
+    """One prompt: one loader per pair of formats, each expert probed; ComfyUI's own patching."""
+    experts, _ = setup
+    cases = _format_cases(experts)
+    assert len(cases) == 15  # the 13 key formats of test_lora_formats, rsLoRA, diff/diff_b
+    prompt = _graph("None", 1.0, "None", 1.0)
+    by_expert = {"high": [], "low": []}
+    for name, (expert, strength, tensors, metadata, _) in cases.items():
+        save_file(tensors, comfyui.model_path("loras", f"formats/{name}.safetensors"), metadata=metadata)
+        by_expert[expert].append(name)
+    node = 100
+    pairs = [(by_expert["high"][i] if i < len(by_expert["high"]) else None,
+              by_expert["low"][i] if i < len(by_expert["low"]) else None)
+             for i in range(max(map(len, by_expert.values())))]
+    for high, low in pairs:
+        prompt[str(node)] = {"class_type": "WanRewardDualLoraLoader", "inputs": {
+            "model_high": ["1", 0], "model_low": ["2", 0],
+            "lora_high": f"formats/{high}.safetensors" if high else "None",
+            "strength_high": cases[high][1] if high else 1.0,
+            "lora_low": f"formats/{low}.safetensors" if low else "None",
+            "strength_low": cases[low][1] if low else 1.0}}
+        for output, name in enumerate((high, low)):
+            if name:
+                _probe(prompt, f"{node}{output}", [str(node), output], f"format_{name}")
+        node += 1
+    outputs = comfyui.run(prompt)
+    reports = "\n".join(outputs[str(n)]["text"][0] for n in range(100, node))
+    assert "WARNING" not in reports and "\n  unmatched: " not in reports, reports
+    for name, (expert, _, _, _, want) in cases.items():
+        got = load_file(comfyui.output / f"format_{name}.safetensors")
+        for key, value in want.items():
+            assert torch.allclose(got[key], value, atol=1e-6, rtol=0), (name, key, (got[key] - value).abs().max())
+        untouched = "diffusion_model.blocks.0.norm3.weight" if name != "diff_diff_b" else \
+            "diffusion_model.blocks.0.self_attn.q.weight"
+        assert torch.equal(got[untouched], experts[expert][untouched.removeprefix("diffusion_model.")].float()), name
 
 
 def test_unet_loader_detects_tiny_experts_as_wan(comfyui, setup):
