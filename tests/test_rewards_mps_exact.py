@@ -113,6 +113,31 @@ def test_official_scores_equal_reference(models, threshold):
     assert float(expected.std()) > 1e-3  # frames are told apart
 
 
+def test_changed_threshold_changes_the_cached_score(models):
+    """The prompt-feature cache is keyed by the threshold too: changing it after scoring takes effect."""
+    _, _, _, path = models
+    model, frames = _ours(path, 0.3), _frames(4, 1)
+    before = model.score(frames, [PROMPTS[0]])
+    model.threshold = 0.85
+    after = model.score(frames, [PROMPTS[0]])
+    assert torch.equal(after, _ours(path, 0.85).score(frames, [PROMPTS[0]]))
+    assert not torch.allclose(before, after, atol=1e-4), (before, after)
+
+
+def test_prompt_cache_is_bounded_lru(models):
+    _, _, _, path = models
+    model, frames = _ours(path, 0.3), _frames(4, 1)
+    model.prompt_cache_size = 3
+    first = model.score(frames, ["prompt 0"])
+    for i in range(1, 6):
+        model.score(frames, [f"prompt {i}"])
+        model.score(frames, ["prompt 0"])  # recently used: stays
+    assert [p for _, p in model._prompt_cache] == ["prompt 4", "prompt 5", "prompt 0"]
+    assert torch.equal(model.score(frames, ["prompt 0"]), first)
+    model.score(frames.expand(5, -1, -1, -1), [f"many {i}" for i in range(5)])  # more than fit at once
+    assert len(model._prompt_cache) == 3
+
+
 def test_seed_variant_equals_reference_forward_per_sample(models):
     """imscore/seed ``forward`` (threshold 0.01) with one frame per call = our batched "seed" variant."""
     reference, _, ours, _ = models

@@ -85,6 +85,9 @@ class HPSRewardModel(RewardModel):
         self.image_size = int(config["vision_cfg"]["image_size"])
         self.context_length = int(config["text_cfg"]["context_length"])
 
+    def _prompt_cache_key(self) -> tuple:
+        return (self.context_length,)
+
     def _prompt_features(self, prompts):
         tokens = hps_tokenize(prompts, self.context_length).to(self.device)
         return (self.clip.encode_text(tokens, normalize=True),)

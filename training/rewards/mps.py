@@ -131,6 +131,9 @@ class MPSRewardModel(RewardModel):
         self.image_size = int(clip_config["vision_config"]["image_size"])
         self.context_length = int(clip_config["text_config"]["max_position_embeddings"])
 
+    def _prompt_cache_key(self) -> tuple:
+        return (self.context_length, float(self.threshold))
+
     def _prompt_features(self, prompts):
         ids = mps_tokenize(prompts, self.context_length).to(self.device)
         cond_ids = mps_tokenize([CONDITION], self.context_length).to(self.device)
