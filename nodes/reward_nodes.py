@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,8 +23,11 @@ RewardModelType = io.Custom("WAN_REWARD_MODEL")
 CATEGORY = "Wan Reward LoRA/reward"
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MPS_VARIANTS = ("official", "seed")
-_CACHE: "OrderedDict[tuple, object]" = OrderedDict()  # V3 nodes have no instance state
+# V3 nodes have no instance state. Cached models live on the CPU; a GPU model is moved to its
+# device only while it scores (after asking ComfyUI to free that much memory) and back after.
+_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
 _CACHE_SIZE = 2
+_ACTIVATION_BYTES = 1 << 30  # headroom for one scoring batch of ViT-H activations
 MAX_CANDIDATES = 8
 
 
@@ -51,17 +55,38 @@ def _resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def load_cached(path: str, device: torch.device, dtype: torch.dtype, variant: str):
+    """The model for ``path``, kept on the CPU; ``model.target_device`` is where it scores (see ``_on_device``)."""
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(device), str(dtype), variant)
     if key not in _CACHE:
-        model = load_reward_model(path, device=device, dtype=dtype, variant=variant, mps_variant_only=True)
+        model = load_reward_model(path, device="cpu", dtype=dtype, variant=variant, mps_variant_only=True)
         if model.name != "mps":
             model.variant = None
+        model.target_device = device
         _CACHE[key] = model
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
     return _CACHE[key]
+
+
+@contextlib.contextmanager
+def _on_device(model):
+    """Score on ``model.target_device``: a GPU model is moved there for the duration (ComfyUI first
+    frees that much memory, unloading its own models if it must) and offloaded to the CPU after."""
+    target = torch.device(getattr(model, "target_device", model.device))
+    if target.type == "cpu" or model.device == target:
+        yield model
+        return
+    import comfy.model_management as mm
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    mm.free_memory(size + _ACTIVATION_BYTES, target)
+    try:
+        yield model.to(target)
+    finally:
+        model.to("cpu")
+        mm.soft_empty_cache()
 
 
 def _image_to_frames(images: torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -111,8 +136,9 @@ class WanRewardLoadRewardModel(io.ComfyNode):
         torch_device = _resolve_device(device)
         model = load_cached(path, torch_device, _resolve_dtype(dtype, torch_device), mps_variant)
         detail = f" ({model.variant})" if model.name == "mps" else ""
-        return io.NodeOutput(model, ui=ui.PreviewText(f"{model.name}{detail} from {model_name} "
-                                                      f"on {torch_device}, {str(model.dtype).replace('torch.', '')}"))
+        where = f"scores on {torch_device}" + (", kept on the CPU between runs" if torch_device.type != "cpu" else "")
+        return io.NodeOutput(model, ui=ui.PreviewText(f"{model.name}{detail} from {model_name}; {where}; "
+                                                      f"{str(model.dtype).replace('torch.', '')}"))
 
 
 class WanRewardScoreFrames(io.ComfyNode):
@@ -144,10 +170,12 @@ class WanRewardScoreFrames(io.ComfyNode):
     def execute(cls, reward_model, images, prompt, frames, n, preprocess, batch_size, weight=1.0,
                 reward_model_2=None, weight_2=1.0) -> io.NodeOutput:
         clip = _image_to_frames(images)
-        report = score_report(reward_model, clip, prompt, frames, n, batch_size, preprocess)
+        with _on_device(reward_model):
+            report = score_report(reward_model, clip, prompt, frames, n, batch_size, preprocess)
         text = report_text(report)
         if reward_model_2 is not None:
-            second = score_report(reward_model_2, clip, prompt, frames, n, batch_size, preprocess)
+            with _on_device(reward_model_2):
+                second = score_report(reward_model_2, clip, prompt, frames, n, batch_size, preprocess)
             combined = combine_reports([report, second], [weight, weight_2])
             text = "\n".join([report_text(combined).split("\n")[0], text, report_text(second)])
             plot = plot_scores([combined, report, second])
@@ -216,9 +244,10 @@ class WanRewardPickBest(io.ComfyNode):
         batches = {i: candidates[f"candidate_{i + 1}"] for i in range(MAX_CANDIDATES)
                    if candidates.get(f"candidate_{i + 1}") is not None}
         slots = list(batches)
-        reports = [dict(score_report(reward_model, _image_to_frames(batches[i], f"candidate_{i + 1}"), prompt,
-                                     frames, n, batch_size, preprocess), index=i, input=f"candidate_{i + 1}")
-                   for i in slots]
+        with _on_device(reward_model):
+            reports = [dict(score_report(reward_model, _image_to_frames(batches[i], f"candidate_{i + 1}"), prompt,
+                                         frames, n, batch_size, preprocess), index=i, input=f"candidate_{i + 1}")
+                       for i in slots]
         pick = pick_best(reports, top_k, threshold if threshold > -1000.0 else -math.inf, indices=slots)
         best = batches[pick["best"]]
         resized = [i for i in slots if batches[i].shape[1:] != best.shape[1:]]
