@@ -197,31 +197,23 @@ def _write_tiny_files(comfyui) -> None:
 
 
 def tiny_prompt(comfyui, workflow: dict, run_name: str) -> dict:
-    """The workflow as an API prompt on tiny models: umt5 replaced by seeded random conditioning
-    (ComfyUI's umt5 loader has a fixed xxl size), small frames, few steps, CPU training."""
-    from training.tiny_models import random_prompt_embeddings
-    from training.trainer.models import write_prompt_embeddings
-
+    """The workflow as an API prompt on tiny models (a tiny umT5 CLIP from the probe pack), small
+    frames, few steps, CPU training."""
     _write_tiny_files(comfyui)
     info = comfyui.object_info()
     prompt = ui_to_api(workflow, info)
     for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CLIPLoader":
-            del prompt[node_id]
-        elif kind == "CLIPTextEncode":
-            prompt[node_id] = {"class_type": "ProbeRandomConditioning", "inputs": {"text": inputs["text"], "length": 8}}
+        if kind == "CLIPLoader":  # ComfyUI's Wan umT5 classes at a tiny size (CLIPLoader's config is xxl)
+            prompt[node_id] = {"class_type": "ProbeTinyUMT5Clip", "inputs": {"seed": 0}}
         elif kind in ("EmptyHunyuanLatentVideo", "WanFunInpaintToVideo"):
             inputs.update(width=32, height=32, length=5)
         elif kind == "KSamplerAdvanced":
             inputs.update(steps=4)
             inputs.update(end_at_step=2) if inputs["start_at_step"] == 0 else inputs.update(start_at_step=2)
         elif kind == "WanRewardLoraTrain":
-            prompts = [p.strip() for p in inputs["prompts"].splitlines() if p.strip()]
-            embeddings = comfyui.input / f"{run_name}_embeddings.safetensors"
-            write_prompt_embeddings(embeddings, random_prompt_embeddings([""] + prompts))
-            inputs.pop("clip")
-            inputs.update(prompt_embeddings=embeddings.name, steps=2, rank=4, alpha=4.0, width=32, height=32,
+            assert "clip" in inputs  # the prompts are encoded by the node with the graph's CLIP
+            inputs.update(steps=2, rank=4, alpha=4.0, width=32, height=32,
                           frames=5, gpus="cpu:2", deepspeed="none", inference_steps=8, guidance_scale=3.0,
                           checkpoint_every=0, output_name=run_name, resume=False)
     return prompt

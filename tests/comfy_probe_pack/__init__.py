@@ -31,29 +31,6 @@ class ProbeSaveModelWeights:
         return {"ui": {"text": [path]}}
 
 
-class ProbeRandomConditioning:
-    """Stands in for CLIPTextEncode with tiny models (ComfyUI's umt5 loader has a fixed xxl size):
-    a seeded random [1, L, 4096] conditioning, distinct per text."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"text": ("STRING", {"multiline": True, "default": ""}),
-                             "length": ("INT", {"default": 8, "min": 1, "max": 512})}}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
-
-    def encode(self, text, length):
-        import hashlib
-
-        import torch
-
-        seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-        cond = torch.randn(1, length, 4096, generator=torch.Generator().manual_seed(seed)) * 0.1
-        return ([[cond, {}]],)
-
-
 class ProbeTinyUMT5Clip:
     """A CLIP with ComfyUI's real Wan umT5 classes (tokenizer, padding, masking) at a tiny size:
     config overrides through model_options, a small SentencePiece model with umT5's special ids
@@ -113,6 +90,5 @@ class ProbeSaveConditioning:
 
 
 NODE_CLASS_MAPPINGS = {"ProbeSaveModelWeights": ProbeSaveModelWeights,
-                       "ProbeRandomConditioning": ProbeRandomConditioning,
                        "ProbeTinyUMT5Clip": ProbeTinyUMT5Clip,
                        "ProbeSaveConditioning": ProbeSaveConditioning}
