@@ -113,6 +113,19 @@ def test_official_scores_equal_reference(models, threshold):
     assert float(expected.std()) > 1e-3  # frames are told apart
 
 
+def test_mps_tokenizer_matches_open_clip_ids_with_eot_padding():
+    """The HF tokenizer built offline from open_clip's vocab (one code path for transformers 4.x and
+    5.x) gives open_clip's ids for ordinary prompts, padded with <|endoftext|> (49407) instead of 0."""
+    from training.rewards.tokenizers import hps_tokenize
+
+    prompts = [PROMPTS[0], CONDITION, "a photo of 2 cats, 3 dogs and a bird"]
+    ids, open_clip_ids = mps_tokenize(prompts), hps_tokenize(prompts)
+    assert ids.shape == open_clip_ids.shape == (3, 77)
+    used = open_clip_ids != 0
+    assert torch.equal(ids[used], open_clip_ids[used]) and bool((ids[~used] == 49407).all())
+    assert int(ids[0, 0]) == 49406 and int(used.sum(1).min()) > 5
+
+
 def test_changed_threshold_changes_the_cached_score(models):
     """The prompt-feature cache is keyed by the threshold too: changing it after scoring takes effect."""
     _, _, _, path = models

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
+import os
+import tempfile
 
 import torch
 
@@ -60,11 +63,21 @@ def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 @functools.lru_cache(maxsize=1)
 def mps_tokenizer():
-    """HF CLIP tokenizer equal to ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s, built offline."""
-    from transformers import CLIPTokenizer
+    """HF CLIP tokenizer equal to ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s, built offline.
+
+    The vocabulary and merges are written as the files an HF tokenizer folder holds and read
+    back with ``from_pretrained`` (local files only): the same call works on transformers 4.x
+    and 5.x, whose constructors differ.
+    """
+    from transformers import CLIPTokenizerFast
 
     vocab, merges = _bpe_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT_LENGTH)
+    with tempfile.TemporaryDirectory(prefix="wan_reward_mps_tokenizer_") as folder:
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+            json.dump(vocab, handle, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+            handle.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+        return CLIPTokenizerFast.from_pretrained(folder, model_max_length=CONTEXT_LENGTH, local_files_only=True)
 
 
 def mps_tokenize(prompts: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
