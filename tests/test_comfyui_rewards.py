@@ -117,6 +117,7 @@ def test_score_frames_returns_per_frame_scores_and_plot(comfyui, setup):
     assert np.allclose(report["scores"], expected, atol=1e-5)
     assert abs(float(outputs["7"]["text"][0]) - np.mean(expected)) < 1e-5
     assert abs(report["motion"] - motion_score(frames)) < 1e-4 and report["motion"] > 1
+    assert len(report["motion_per_step"]) == 1 and abs(report["motion_per_step"][0] - report["motion"]) < 1e-4
     node_text = outputs["5"]["text"][0]
     assert "hps_v2.1" in node_text and "motion" in node_text
     plot = outputs["5"]["images"][0]

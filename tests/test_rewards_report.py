@@ -40,6 +40,9 @@ def test_score_report_plot_and_pick(tmp_path):
     assert torch.allclose(torch.tensor(report["scores"]), direct, atol=1e-6)
     assert math.isclose(report["mean"], float(direct.mean()), abs_tol=1e-6) and report["motion"] > 1
     assert json.loads(report_json(report))["scores"] == report["scores"]
+    steps = report["motion_per_step"]  # frame i -> i+1 over the whole clip, as motion_score
+    assert len(steps) == 5 and math.isclose(sum(steps) / 5, report["motion"], rel_tol=1e-5)
+    assert math.isclose(steps[2], float((frames[3] - frames[2]).abs().mean()) * 100, rel_tol=1e-5)
     assert "motion" in report_text(report) and "#2:" in report_text(report)
     plot = plot_scores(report)
     assert plot.shape == (1, 288, 512, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1

@@ -6,12 +6,11 @@ Score = cosine of the L2-normalised image and text features (no logit scale), as
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .base import RewardModel
 from .preprocess import normalize, resize_long_side_and_pad, rgb, squash
+from .shapes import count_blocks, text_heads, vision_head_width
 from .tokenizers import hps_tokenize
 
 # Keys that make a state dict an open_clip CLIP (HPS layout).
@@ -23,17 +22,6 @@ VIT_H_14_CONFIG = {
     "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
 }
-
-
-def _count_blocks(state_dict, prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for key in state_dict for m in [pattern.match(key)] if m}
-    return max(found) + 1 if found else 0
-
-
-def vision_head_width(width: int) -> int:
-    """Head counts are not in the shapes: ViT-H (1280) uses 80-wide heads, other widths 64."""
-    return 80 if width == 1280 else min(64, width)
 
 
 def infer_hps_config(state_dict) -> dict:
@@ -50,15 +38,15 @@ def infer_hps_config(state_dict) -> dict:
     return {
         "embed_dim": int(state_dict["text_projection"].shape[1]),
         "vision_cfg": {
-            "image_size": grid * patch, "layers": _count_blocks(state_dict, "visual.transformer.resblocks."),
+            "image_size": grid * patch, "layers": count_blocks(state_dict, "visual.transformer.resblocks."),
             "width": int(width), "head_width": vision_head_width(int(width)), "patch_size": int(patch),
             "mlp_ratio": vision_mlp,
         },
         "text_cfg": {
             "context_length": int(state_dict["positional_embedding"].shape[0]),
             "vocab_size": int(state_dict["token_embedding.weight"].shape[0]),
-            "width": int(text_width), "heads": max(1, int(text_width) // 64),
-            "layers": _count_blocks(state_dict, "transformer.resblocks."), "mlp_ratio": text_mlp,
+            "width": int(text_width), "heads": text_heads(int(text_width)),
+            "layers": count_blocks(state_dict, "transformer.resblocks."), "mlp_ratio": text_mlp,
         },
     }
 

@@ -10,13 +10,12 @@ Variants (see reward-models.md section 2.5):
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .base import RewardModel
 from .cross_model import CrossModel
 from .preprocess import normalize, resize_short_side_and_crop, rgb, squash
+from .shapes import count_blocks, text_heads, vision_heads
 from .tokenizers import mps_tokenize
 
 CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, "
@@ -40,17 +39,6 @@ LAION_VIT_H_14_CLIP_CONFIG = {
 CROSS_MODEL_CONFIG = {"dim": 1024, "layers": 4, "dim_head": 64, "heads": 16, "ff_mult": 4}
 
 
-def _count_blocks(state_dict, prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for key in state_dict for m in [pattern.match(key)] if m}
-    return max(found) + 1 if found else 0
-
-
-def _heads(width: int) -> int:
-    """Head counts are not in the shapes: ViT-H's vision tower (1280) has 80-wide heads, others 64."""
-    return 16 if width == 1280 else max(1, width // 64)
-
-
 def infer_mps_config(state_dict) -> tuple[dict, dict]:
     """(HF CLIPConfig kwargs, cross-model kwargs) from tensor shapes; equals the laion config for the real file."""
     text, vision = "model.text_model.", "model.vision_model."
@@ -64,19 +52,19 @@ def infer_mps_config(state_dict) -> tuple[dict, dict]:
         "logit_scale_init_value": 2.6592,
         "text_config": dict(LAION_VIT_H_14_CLIP_CONFIG["text_config"], hidden_size=text_width,
                             intermediate_size=int(state_dict[text + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                            num_hidden_layers=_count_blocks(state_dict, text + "encoder.layers."),
-                            num_attention_heads=max(1, text_width // 64),
+                            num_hidden_layers=count_blocks(state_dict, text + "encoder.layers."),
+                            num_attention_heads=text_heads(text_width),
                             max_position_embeddings=int(state_dict[text + "embeddings.position_embedding.weight"].shape[0]),
                             vocab_size=int(tok.shape[0])),
         "vision_config": dict(LAION_VIT_H_14_CLIP_CONFIG["vision_config"], hidden_size=vision_width,
                               intermediate_size=int(state_dict[vision + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                              num_hidden_layers=_count_blocks(state_dict, vision + "encoder.layers."),
-                              num_attention_heads=_heads(vision_width), patch_size=int(patch.shape[-1]),
+                              num_hidden_layers=count_blocks(state_dict, vision + "encoder.layers."),
+                              num_attention_heads=vision_heads(vision_width), patch_size=int(patch.shape[-1]),
                               image_size=grid * int(patch.shape[-1])),
     }
     to_q = state_dict["cross_model.layers.0.0.fn.to_q.weight"]
     dim_head = int(state_dict["cross_model.layers.0.0.fn.to_kv.weight"].shape[0]) // 2
-    cross = {"dim": int(to_q.shape[1]), "layers": _count_blocks(state_dict, "cross_model.layers."),
+    cross = {"dim": int(to_q.shape[1]), "layers": count_blocks(state_dict, "cross_model.layers."),
              "dim_head": dim_head, "heads": int(to_q.shape[0]) // dim_head,
              "ff_mult": int(state_dict["cross_model.layers.0.0.fn.ff.0.weight"].shape[0]) // (2 * int(to_q.shape[1]))}
     return clip, cross

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .base import RewardModel
-from .motion import motion_score
+from .motion import motion_per_step, motion_score
 
 FRAME_SELECTIONS = ("all", "first", "every_nth", "evenly_spaced")
 
@@ -50,14 +50,16 @@ def score_frames(model: RewardModel, frames: torch.Tensor, prompt: str, batch_si
 
 def score_report(model: RewardModel, frames: torch.Tensor, prompt: str, selection: str = "all", n: int = 4,
                  batch_size: int = 8, preprocess: str | None = None) -> dict:
-    """Scores of the selected frames, their mean, and the motion of the whole clip."""
+    """Scores of the selected frames, their mean, and the motion of the whole clip (its mean and
+    per consecutive pair: ``motion_per_step[i]`` is frames i -> i+1)."""
     indices = select_frames(frames.shape[0], selection, n)
     scores = score_frames(model, frames[indices], prompt, batch_size, preprocess)
     return {
         "model": model.name, "variant": getattr(model, "variant", None),
         "preprocess": preprocess or model.preprocess, "prompt": prompt,
         "frames": indices, "scores": scores, "mean": float(np.mean(scores)),
-        "motion": motion_score(frames), "frame_count": int(frames.shape[0]),
+        "motion": motion_score(frames), "motion_per_step": motion_per_step(frames),
+        "frame_count": int(frames.shape[0]),
     }
 
 
