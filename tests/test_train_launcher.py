@@ -14,7 +14,7 @@ import yaml
 from training.trainer import launcher
 from training.trainer.launcher import (DeviceChoice, DeviceLock, LaunchError, RunResult, TrainerProcess,
                                        build_command, build_env, failure_message, group_members, parse_devices,
-                                       parse_event)
+                                       parse_event, strip_launcher_traceback)
 
 # A fake trainer: prints progress events, starts a child "rank" in its group, and reacts to
 # STOP / SIGTERM according to MODE (obey | ignore_stop | ignore_all).
@@ -264,3 +264,15 @@ def test_trainers_stopped_when_the_caller_exits(tmp_path):
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not group_members(pgid) and not _alive(child)
+
+
+def test_log_tail_drops_the_launchers_traceback():
+    trainer = ["Traceback (most recent call last):", '  File "/pack/training/trainer/loop.py", line 3, in train',
+               "ValueError: frames contain NaN values"]
+    launcher_tb = ["Traceback (most recent call last):",
+                   '  File "/venv/lib/python3.11/site-packages/accelerate/commands/launch.py", line 9, in main',
+                   '  File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 1129, in run',
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"]
+    assert strip_launcher_traceback(["noise"] + trainer + launcher_tb) == ["noise"] + trainer
+    assert strip_launcher_traceback(trainer) == trainer
+    assert strip_launcher_traceback(launcher_tb) == launcher_tb  # nothing else to show: keep it

@@ -318,7 +318,9 @@ class TrainerProcess:
             return None
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(list(self._tail)[-lines:])
+        """The last output lines, without the launcher's own traceback (accelerate/torchrun report a
+        failed rank with a long traceback of their own that would hide the trainer's)."""
+        return "\n".join(strip_launcher_traceback(list(self._tail))[-lines:])
 
     def group_alive(self) -> bool:
         """Whether any process of the run's group still exists (zombies excluded)."""
@@ -374,6 +376,25 @@ class TrainerProcess:
         code = self.poll()
         return RunResult(returncode=-1 if code is None else code, events=list(self.events),
                          log_tail=self.log_tail(), stopped=self.stop_requested)
+
+
+_LAUNCHER_FRAMES = ("accelerate/commands/", "torch/distributed/run.py", "torch/distributed/launcher/",
+                    "torch/distributed/elastic/")
+
+
+def strip_launcher_traceback(lines: list[str]) -> list[str]:
+    """Cut the log at the first traceback that runs through accelerate's or torchrun's launcher."""
+    for i, line in enumerate(lines):
+        if not line.startswith("Traceback"):
+            continue
+        frames = []
+        for follow in lines[i + 1:]:
+            if not follow.startswith(" "):
+                break
+            frames.append(follow)
+        if any(f in "\n".join(frames) for f in _LAUNCHER_FRAMES):
+            return lines[:i] if i else lines
+    return lines
 
 
 _RUNNING: "set[TrainerProcess]" = set()
