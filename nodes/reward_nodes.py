@@ -132,7 +132,9 @@ class WanRewardLoadRewardModel(io.ComfyNode):
     def execute(cls, model_name, dtype, device, mps_variant) -> io.NodeOutput:
         path = folder_paths.get_full_path(REWARD_MODELS, model_name)
         if path is None:
-            raise FileNotFoundError(f"reward model {model_name!r} is not in the reward_models folder.\n{EXPECTED_FILES}")
+            folders = ", ".join(folder_paths.get_folder_paths(REWARD_MODELS))
+            raise FileNotFoundError(f"reward model checkpoint not found: {model_name!r} is not in the reward_models "
+                                    f"folder ({folders}); press R to refresh the list.\n{EXPECTED_FILES}")
         torch_device = _resolve_device(device)
         model = load_cached(path, torch_device, _resolve_dtype(dtype, torch_device), mps_variant)
         detail = f" ({model.variant})" if model.name == "mps" else ""
