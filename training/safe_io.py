@@ -131,3 +131,53 @@ def _code_in_pickle(path: Path) -> str | tuple[str] | None:
     except (ValueError, EOFError) as exc:  # truncated, or not a pickle at all
         return (f"not a complete pickle ({str(exc)[:160]})",)
     return code
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """A weights file's format from its first bytes (not its suffix): "safetensors",
+    "torch-zip", "pickle", "empty" or "unknown"."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip container
+        return "torch-zip"
+    if len(head) > 8 and head[8:9] == b"{" and head[5:8] == b"\0\0\0":
+        return "safetensors"  # little-endian u64 header length, then the JSON header
+    if head[:1] == b"\x80":  # pickle protocol 2+ (legacy torch.save)
+        return "pickle"
+    return "unknown"
+
+
+def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a weights-only torch file (``{'state_dict': ...}``
+    unwrapped); the format is read from the first bytes. ``what`` names the file in errors
+    (e.g. "Wan expert"). Raises UserFileError naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserFileError(f"{what} not found: {path}" + (" (a folder, not a file)" if path.is_dir() else ""))
+    kind = file_format(path)
+    if kind == "empty":
+        raise UserFileError(f"{what} {path} is empty (0 bytes): the download or copy did not finish")
+    if kind == "unknown":
+        raise UserFileError(f"{what} {path} is neither a safetensors file nor a PyTorch checkpoint "
+                            "(a damaged download or the wrong file)")
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError / OSError
+            raise UserFileError(f"{what} {path} is a corrupt or truncated safetensors file: "
+                                f"{str(exc)[:200]}; download it again") from exc
+    data = load_torch_weights_only(path, what)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+    if not isinstance(data, dict) or not data:
+        raise UserFileError(f"{what} {path} holds {type(data).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(data):
+        raise UserFileError(f"{what} {path} is not a plain state dict: entries "
+                            f"{sorted(str(k) for k in data if k not in tensors)[:5]} are not tensors")
+    return tensors

@@ -1,7 +1,7 @@
 """Load the model stack from ComfyUI-format files into diffusers / transformers models.
 
 - Wan experts: ComfyUI ``diffusion_models`` files (bf16, fp16, fp8_e4m3fn and fp8 "scaled"
-  files with ``scale_weight`` keys, dequantised here) -> diffusers' single-file conversion
+  files with ``scale_weight`` keys, dequantised here as ComfyUI does) -> diffusers' single-file conversion
   ``convert_wan_transformer_to_diffusers`` -> ``WanTransformer3DModel`` whose config is read
   from the tensor shapes (``from_single_file`` would fetch a config from the hub).
 - Wan2.1 VAE (ComfyUI ``vae`` format) -> ``convert_wan_vae_to_diffusers`` -> ``AutoencoderKLWan``.
@@ -18,43 +18,36 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import UserFileError, load_torch_weights_only, save_safetensors
+from ..safe_io import UserFileError, read_state_dict, save_safetensors
 
 TEXT_LEN = 512  # Wan pads every prompt embedding to 512 tokens
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
-def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors (or weights-only .pt/.pth) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserFileError(f"{what} not found: {path}")
-    if path.suffix in (".safetensors", ".sft"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises SafetensorError / OSError
-            raise UserFileError(f"{what} {path} is not a readable safetensors file: {exc}") from exc
-    data = load_torch_weights_only(path, what)
-    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise UserFileError(f"{what} {path} does not hold a state dict")
-    return data
-
-
-def dequantize(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast to ``dtype``; fp8 "scaled" weights are multiplied by their ``scale_weight``."""
+def dequantize(sd: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str = "file") -> dict[str, torch.Tensor]:
+    """Cast to ``dtype``, applying ComfyUI's fp8 "scaled" convention (comfy/ops.py
+    ``scaled_fp8_ops``): a ``<m>.weight`` with a ``<m>.scale_weight`` is ``weight * scale_weight``
+    (torch broadcasting, as ComfyUI multiplies); ``<m>.scale_input`` only scales the input of
+    ComfyUI's fp8 matmul, whose result equals the dequantised weight's, so it is dropped; the
+    ``scaled_fp8`` marker is dropped. Other quantisation scales (``.weight_scale``,
+    ``.input_scale``: formats ComfyUI 0.3.64 does not read either) are refused, naming the key."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input", ".input_scale", ".weight_scale")):
+        if key.endswith((".weight_scale", ".input_scale")):
+            raise UserFileError(f"{what}: key {key!r} belongs to a quantisation format this trainer does not read "
+                                "(only ComfyUI's fp8 'scaled' files with scale_weight); use the bf16, fp16, "
+                                "fp8_e4m3fn or fp8_scaled file of this model")
+        if key == "scaled_fp8" or key.endswith(("scaled_fp8", ".scale_weight", ".scale_input")):
             continue
         scale = sd.get(key[: -len(".weight")] + ".scale_weight") if key.endswith(".weight") else None
         if scale is not None:
-            value = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1))) \
-                if scale.numel() == value.shape[0] and scale.numel() > 1 else value.float() * scale.float()
+            try:
+                value = value.float() * scale.float()
+            except RuntimeError as exc:
+                raise UserFileError(f"{what}: {key[:-len('.weight')]}.scale_weight of shape {tuple(scale.shape)} "
+                                    f"does not broadcast over the weight {tuple(value.shape)} as ComfyUI "
+                                    "multiplies it; not a ComfyUI fp8 scaled file") from exc
         out[key] = value.to(dtype)
     return out
 
@@ -110,7 +103,7 @@ def load_wan_expert(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    native = strip_prefix(dequantize(read_state_dict(path, "Wan expert"), dtype))
+    native = strip_prefix(dequantize(read_state_dict(path, "Wan expert"), dtype, f"Wan expert {path}"))
     config = wan_config_from_state_dict(native, str(path))
     converted = convert_wan_transformer_to_diffusers(dict(native))
     model = _build(WanTransformer3DModel, config, converted, f"Wan expert {path}")
@@ -134,7 +127,7 @@ def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    native = dequantize(read_state_dict(path, "VAE"), dtype)
+    native = dequantize(read_state_dict(path, "VAE"), dtype, f"VAE {path}")
     native = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in native.items()}
     config = vae_config_from_state_dict(native, str(path))
     model = _build(AutoencoderKLWan, config, convert_wan_vae_to_diffusers(native), f"VAE {path}")
@@ -233,7 +226,7 @@ def encode_prompts_umt5(prompts: list[str], encoder_path: str, tokenizer_dir: st
     else:
         raise UserFileError(f"{encoder_path} has no embedded tokenizer (spiece_model): set 'tokenizer' to the "
                             "folder of the google/umt5-xxl tokenizer")
-    sd = dequantize(raw, dtype)
+    sd = dequantize(raw, dtype, f"umt5 text encoder {encoder_path}")
     sd = {k: v for k, v in sd.items() if not k.startswith(("decoder.", "lm_head"))}
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
