@@ -49,11 +49,16 @@ def make_schedule(steps: int, shift: float, boundary: float) -> Schedule:
     return Schedule(timesteps, sigmas, experts)
 
 
+def expert_range(schedule: Schedule, expert: str) -> tuple[int, int]:
+    """[first, last) step indices handled by ``expert`` (high first, then low: the
+    timesteps fall monotonically); (n, n) when it has none."""
+    n_high = schedule.experts.count("high")
+    return (0, n_high) if expert == "high" else (n_high, schedule.steps)
+
+
 def expert_step_range(steps: int, shift: float, boundary: float, expert: str) -> tuple[int, int]:
-    """[first, last) step indices handled by ``expert``."""
-    experts = make_schedule(steps, shift, boundary).experts
-    n_high = sum(1 for e in experts if e == "high")
-    return (0, n_high) if expert == "high" else (n_high, steps)
+    """[first, last) step indices handled by ``expert`` for these settings."""
+    return expert_range(make_schedule(steps, shift, boundary), expert)
 
 
 def backprop_window(schedule: Schedule, expert: str, strategy: str, num_steps: int,
@@ -64,10 +69,9 @@ def backprop_window(schedule: Schedule, expert: str, strategy: str, num_steps: i
     step 39/40 for the low-noise expert and 13/40 for the high-noise expert).
     random: one step drawn among the last ``random_last`` steps of the range (AlignProp).
     """
-    indices = [i for i, e in enumerate(schedule.experts) if e == expert]
-    if not indices:
+    first, last = expert_range(schedule, expert)
+    if last <= first:
         raise ValueError(f"the {expert}-noise expert has no step in this schedule")
-    first, last = indices[0], indices[-1] + 1
     if strategy == "tail":
         return max(first, last - num_steps), last
     if strategy == "random":
