@@ -89,12 +89,27 @@ def test_gaming_guard_flags_training_reward_up_held_out_down():
     assert guard.update(0.34, 0.40, 0.4) is None and not guard.tripped  # training reward fell: reset
 
 
-def test_average_of_checkpoint_loras(tmp_path):
-    a = {"blocks.0.self_attn.q": (torch.ones(8, 2), torch.full((2, 8), 2.0), 2.0)}
-    b = {"blocks.0.self_attn.q": (torch.full((8, 2), 3.0), torch.zeros(2, 8), 2.0)}
-    paths = [save_canonical_lora(tmp_path / f"{n}.safetensors", m, {}) for n, m in (("a", a), ("b", b))]
-    up, down, alpha = average_loras(paths)["blocks.0.self_attn.q"]
-    assert torch.equal(up, torch.full((8, 2), 2.0)) and torch.equal(down, torch.ones(2, 8)) and alpha == 2.0
+def test_average_of_checkpoint_loras_is_the_mean_of_the_deltas(tmp_path):
+    from training.lora_format import merged_weights
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"blocks.0.self_attn.q.weight": torch.randn(8, 8, generator=gen)}
+    loras = [{"blocks.0.self_attn.q": (torch.randn(8, 2, generator=gen), torch.randn(2, 8, generator=gen), alpha)}
+             for alpha in (2.0, 1.0, 4.0)]
+    paths = [save_canonical_lora(tmp_path / f"{n}.safetensors", m, {}) for n, m in enumerate(loras)]
+    averaged = average_loras(paths)
+    up, down, alpha = averaged["blocks.0.self_attn.q"]
+    assert up.shape == (8, 6) and down.shape == (6, 8) and alpha == 6.0  # one LoRA of rank 3 x 2
+    deltas = [merged_weights(base, read_lora(p), 1.0)["blocks.0.self_attn.q.weight"] - base["blocks.0.self_attn.q.weight"]
+              for p in paths]
+    mean = sum(deltas) / len(deltas)
+    path = save_canonical_lora(tmp_path / "avg.safetensors", averaged, {})
+    merged = merged_weights(base, read_lora(path), 1.0)["blocks.0.self_attn.q.weight"] - base["blocks.0.self_attn.q.weight"]
+    assert torch.allclose(merged, mean, atol=1e-6)
+    # the mean of the factors, the old way, is not the mean of the deltas
+    naive = sum(u for u, _, _ in [l["blocks.0.self_attn.q"] for l in loras]) / 3 @ (
+        sum(d for _, d, _ in [l["blocks.0.self_attn.q"] for l in loras]) / 3)
+    assert not torch.allclose(naive, mean, atol=1e-3)
 
 
 def test_preflight_refuses_a14b_experts_without_gpu(tmp_path):

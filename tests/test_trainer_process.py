@@ -1,5 +1,6 @@
-"""The trainer as a subprocess: 2-process ZeRO-3 CPU offload through `accelerate launch`,
-SIGKILL + restart resumes exactly, SIGTERM and the STOP file save and exit cleanly."""
+"""The trainer as a subprocess: 2-process ZeRO-3 CPU offload through `accelerate launch`
+(stopped by the STOP file, relaunched: resumes and finishes), SIGKILL + restart resumes
+exactly, SIGTERM and the STOP file save and exit cleanly."""
 
 from __future__ import annotations
 
@@ -57,21 +58,52 @@ def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in lora.tensors.items()}
 
 
-def test_two_process_zero3_offload_run_writes_a_lora(tiny):
+def test_two_process_zero3_offload_run_stops_resumes_and_writes_a_lora(tiny):
     if not ACCELERATE.exists():
         pytest.skip("accelerate launcher not installed beside this Python")
-    config = _config(tiny, "zero3", max_steps=3, checkpoint_every=2, max_grad_norm=0.25)
-    code, events, stderr = _run([str(ACCELERATE), "launch", "--config_file",
-                                 "training/configs/accelerate_cpu_zero3_offload_2proc.yaml",
-                                 str(ENTRY), "--config", str(config)])
-    assert code == 0, stderr[-3000:]
+    shutil.rmtree(tiny / "zero3", ignore_errors=True)
+    # validation at 0 and 4: prompts split over the ranks, "best" decided on rank 0 and broadcast
+    config = _config(tiny, "zero3", max_steps=4, checkpoint_every=2, max_grad_norm=0.25, validation_every=4)
+    launch = [str(ACCELERATE), "launch", "--config_file", "training/configs/accelerate_cpu_zero3_offload_2proc.yaml",
+              str(ENTRY), "--config", str(config)]
+    # first launch: a STOP request after step 1 saves a checkpoint (a collective) and exits
+    proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+                            cwd=PACK)
+    events = []
+    for line in proc.stdout:
+        events += parse_events(line)
+        if events and events[-1]["event"] == "step" and events[-1]["step"] == 1:
+            (tiny / "zero3" / STOP_FILE).touch()
+    proc.wait(timeout=120)
+    assert proc.returncode == 0
     started = events[0]
     assert started["event"] == "started" and started["world_size"] == 2 and started["deepspeed"]
+    # ZeRO-3 with parameters and optimizer offloaded to the CPU, LoRA really partitioned
+    assert (started["zero_stage"], started["offload_param_device"], started["offload_optimizer_device"]) == (3, "cpu", "cpu")
+    assert started["lora_params_partitioned"] is True
     assert started["gradient_clipping"] == 0.25  # the engine applies max_grad_norm
+    stop = [e for e in events if e["event"] == "checkpoint"][-1]
+    assert stop["reason"] == "stop" and 1 <= stop["step"] < 4
+    assert events[-1]["event"] == "finished" and events[-1]["reason"] == "stopped"
+    assert [(v["step"], sorted(v["rewards"]), sorted(v["held_out"])) for v in events
+            if v["event"] == "validation"] == [(0, ["hps"], ["mps"])]
+    ckpt = Path(stop["path"])
+    assert (ckpt / "ds").is_dir() and (ckpt / "trainer-rank1.pt").is_file()
+
+    # relaunch: resumes from that checkpoint under DeepSpeed and finishes
+    code, events, stderr = _run(launch)
+    assert code == 0, stderr[-3000:]
+    started = events[0]
+    assert started["step"] == stop["step"] and started["resumed_from"] == str(ckpt)
     steps = [e for e in events if e["event"] == "step"]
-    assert [e["step"] for e in steps] == [1, 2, 3]  # one stream: only the main process reports
+    assert [e["step"] for e in steps] == list(range(stop["step"] + 1, 5))  # one stream: the main process's
     assert events[-1]["event"] == "finished" and events[-1]["reason"] == "completed"
+    validation = [e for e in events if e["event"] == "validation"]
+    assert [v["step"] for v in validation] == [4] and validation[0]["best_step"] in (0, 4)
+    if validation[0]["best"]:  # written by all ranks together (a ZeRO-3 gather)
+        assert read_lora(Path(validation[0]["best_lora_path"])).metadata["steps"] == "4"
     lora_path = Path(events[-1]["lora_path"])
+    assert read_lora(lora_path).metadata["steps"] == "4"
     from safetensors.torch import load_file
 
     from training.trainer.models import strip_prefix
@@ -79,8 +111,6 @@ def test_two_process_zero3_offload_run_writes_a_lora(tiny):
     report = match_lora(read_lora(lora_path), strip_prefix(load_file(tiny / "models" / "wan2.2_tiny_low_noise.safetensors")))
     assert len(report.matched) == 22 and not report.unmatched
     assert any(float(t.abs().max()) > 0 for k, t in _lora_tensors(lora_path).items() if "lora_up" in k)
-    ckpt = tiny / "zero3" / "checkpoints" / "step-000002"
-    assert (ckpt / "ds").is_dir() and (ckpt / "trainer-rank1.pt").is_file()
 
 
 def test_sigkill_then_restart_resumes_exactly(tiny):

@@ -5,8 +5,13 @@ a trajectory sampled with gradients only in the backprop window (sampler.py), th
 latents decoded with gradients, ``loss = sum_i w_i (1 - reward_i) / sum_i w_i``, backward,
 gradient clipping that applies (DeepSpeed ``gradient_clipping`` from ``max_grad_norm``, or
 torch clipping without DeepSpeed), optimizer and LR-scheduler step. All randomness of a step
-(prompts, noise, window) derives from (seed, step, micro-step, rank), so a resumed run
-repeats exactly what an uninterrupted one does.
+(prompts, noise, window) derives from (seed, step, micro-step, rank), validation noise from
+validation_seed, and the LoRA's initial weights from seed: a resumed run repeats exactly what
+an uninterrupted one does without any saved RNG state.
+
+Under ZeRO-3 every forward and every LoRA gather is a collective: all ranks run the same
+number of forwards, and decisions that lead to one (a new best LoRA, the gaming guard, stop /
+save requests) are made on rank 0's numbers and broadcast, so every rank acts together.
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import write_text
-from .checkpoint import latest_checkpoint, load_checkpoint, recent_loras, save_checkpoint
+from ..safe_io import UserFileError, atomic_write, write_text
+from .checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    move_aside,
+    read_run_info,
+    recent_loras,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig, dump_config, read_prompt_file
-from .lora import add_lora, lora_parameters, lora_state, native_modules
+from .lora import add_lora, lora_parameters, lora_state, native_modules, target_modules
 from .progress import EXIT_OK, Control, Progress
 from .sampler import CFGDenoiser, backprop_window, make_schedule, sample
 
@@ -40,6 +53,11 @@ def make_accelerator(cfg: TrainConfig):
     cuda = torch.cuda.is_available()
     handlers = [] if cuda or world == 1 else [InitProcessGroupKwargs(backend="gloo")]
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if cfg.mixed_precision == "fp16" and not use_ds:
+        # fp16 backward needs loss scaling, which only DeepSpeed's fp16 engine provides here
+        raise ConfigError("mixed_precision", "fp16 needs DeepSpeed (its dynamic loss scaling) and this run has no "
+                          "DeepSpeed: use bf16 (or 'no' on CPU), or launch with a DeepSpeed accelerate config "
+                          "such as training/configs/accelerate_zero3_offload.yaml")
     if not use_ds:
         accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   mixed_precision="no", cpu=not cuda, kwargs_handlers=handlers)
@@ -106,12 +124,65 @@ def resolve_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     return train, val
 
 
+@contextlib.contextmanager
+def file_field(field_name: str):
+    """A user file that cannot be used becomes a config error naming its field (and the file)."""
+    try:
+        yield
+    except UserFileError as exc:
+        raise ConfigError(field_name, str(exc)) from exc
+
+
 def load_embeddings(cfg: TrainConfig, prompts: list[str], device) -> dict[str, torch.Tensor]:
     from .models import encode_prompts_umt5, read_prompt_embeddings
 
     if cfg.prompt_embeddings:
-        return read_prompt_embeddings(cfg.prompt_embeddings)
-    return encode_prompts_umt5(prompts, cfg.text_encoder, cfg.tokenizer, device, DTYPES[cfg.mixed_precision])
+        with file_field("prompt_embeddings"):
+            return read_prompt_embeddings(cfg.prompt_embeddings)
+    with file_field("text_encoder"):
+        return encode_prompts_umt5(prompts, cfg.text_encoder, cfg.tokenizer, device, DTYPES[cfg.mixed_precision])
+
+
+def check_stack(cfg: TrainConfig, experts: dict, embeddings: dict) -> None:
+    """Before training: both experts take the same input (16 T2V or 36 InP channels) and read
+    text embeddings of the width the prompts have."""
+    width = next(iter(embeddings.values())).shape[-1]
+    channels = {}
+    for name in ("high", "low"):
+        field_name = f"{name}_noise_model"
+        config = getattr(experts[name], "module", experts[name]).config
+        channels[name] = config.in_channels
+        if config.in_channels not in (16, 36):
+            raise ConfigError(field_name, f"{getattr(cfg, field_name)} has {config.in_channels} input channels; "
+                              "supported: 16 (T2V) and 36 (I2V/Fun-InP)")
+        if config.text_dim != width:
+            source = "prompt_embeddings" if cfg.prompt_embeddings else "text_encoder"
+            raise ConfigError(field_name, f"{getattr(cfg, field_name)} reads text embeddings of width "
+                              f"{config.text_dim} but {source} ({getattr(cfg, source)}) gives {width}; "
+                              "use the umt5-xxl encoder (4096) or embeddings computed with it")
+    if channels["high"] != channels["low"]:
+        raise ConfigError("low_noise_model", f"the high-noise expert has {channels['high']} input channels and the "
+                          f"low-noise one {channels['low']}: both files must be the same model family "
+                          "(both T2V or both I2V/Fun-InP)")
+
+
+def adapt(cfg: TrainConfig, model) -> list[str]:
+    """Inject the LoRA; a target list that selects nothing (or an entry that matches no
+    module) is a config error naming lora_targets."""
+    from ..wan_names import diffusers_to_native
+
+    names = target_modules(model, cfg.lora_targets, cfg.lora_exclude)
+    if not names:
+        raise ConfigError("lora_targets", f"{cfg.lora_targets!r} with lora_exclude={cfg.lora_exclude!r} selects no "
+                          "Linear layer; use 'all_linear' or native suffixes like self_attn.q, cross_attn.o")
+    if cfg.lora_targets != "all_linear":
+        natives = [diffusers_to_native(n) for n in names]
+        unused = [t for t in cfg.lora_targets if not any(n == t or n.endswith("." + t) for n in natives)]
+        if unused:
+            raise ConfigError("lora_targets", f"{unused[0]!r} matches no adapted Linear layer (after "
+                              f"lora_exclude={cfg.lora_exclude!r}); valid suffixes look like self_attn.q, "
+                              "cross_attn.k, ffn.0, text_embedding.0")
+    return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_exclude)
 
 
 def load_rewards(specs, device, dtype, field_name: str):
@@ -119,8 +190,11 @@ def load_rewards(specs, device, dtype, field_name: str):
 
     models = []
     for i, spec in enumerate(specs):
-        model = load_reward_model(spec.path, device=device, dtype=dtype, variant=spec.variant,
-                                  preprocess=spec.preprocess or "reference")
+        try:
+            model = load_reward_model(spec.path, device=device, dtype=dtype, variant=spec.variant,
+                                      preprocess=spec.preprocess or "reference")
+        except UserFileError as exc:
+            raise ConfigError(f"{field_name}[{i}].path", str(exc)) from exc
         if not model.name.startswith(spec.model):
             raise ConfigError(f"{field_name}[{i}].model", f"is {spec.model!r} but {spec.path} is a {model.name} "
                               "checkpoint; fix model or path")
@@ -157,9 +231,6 @@ class RewardTrainer:
         condition = None
         if self.in_channels == 36:  # InP text-to-video: 4 mask + 16 masked-video latent channels, all zero
             condition = torch.zeros(batch, 20, *shape[2:], device=self.device)
-        elif self.in_channels != 16:
-            raise ConfigError(f"{cfg.expert}_noise_model", f"expert has {self.in_channels} input channels; "
-                              "supported: 16 (T2V) and 36 (I2V/Fun-InP)")
         negative = self._context([cfg.negative_prompt] * batch) if cfg.guidance_scale > 1 else None
         denoise = CFGDenoiser(self.experts, self._context(prompts), negative, cfg.guidance_scale,
                               condition, self.dtype)
@@ -169,8 +240,13 @@ class RewardTrainer:
         """Decode the first ``decoded_latents`` latent frames -> [B, F, 3, H, W] in [0, 1]."""
         from .models import decode_latents
 
-        video = decode_latents(self.vae, latents[:, :, : self.cfg.decoded_latents])
-        video = video.permute(0, 2, 1, 3, 4)
+        return self.reward_frames(decode_latents(self.vae, latents[:, :, : self.cfg.decoded_latents]))
+
+    def reward_frames(self, video: torch.Tensor) -> torch.Tensor:
+        """Decoded frames [B, 3, F', H, W] (of the first ``decoded_latents`` latents or more) ->
+        the frames the reward scores, [B, F, 3, H, W]. The Wan VAE decodes causally, so the
+        first 1 + 4 (k - 1) frames of a longer decode are those of the first k latents."""
+        video = video[:, :, : 1 + 4 * (self.cfg.decoded_latents - 1)].permute(0, 2, 1, 3, 4)
         if self.cfg.reward_frames is not None:
             index = torch.linspace(0, video.shape[1] - 1, self.cfg.reward_frames).round().long()
             video = video[:, index]
@@ -234,31 +310,65 @@ class GamingGuard:
     def tripped(self) -> bool:
         return self.strikes >= self.patience
 
+    def state(self) -> dict:
+        return {"previous": list(self.previous) if self.previous else None, "strikes": self.strikes}
 
-def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int) -> dict:
-    """Score held-out prompts (no gradients): training rewards, held-out rewards, motion."""
+    def load_state(self, state: dict) -> None:
+        self.previous = tuple(state["previous"]) if state.get("previous") else None
+        self.strikes = int(state.get("strikes", 0))
+
+
+def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, rank: int = 0, world: int = 1,
+             reduce_sum=lambda t: t) -> dict:
+    """Score held-out prompts (no gradients): training rewards, held-out rewards, motion.
+
+    Prompt i uses noise seed ``seed + i``. With several processes, rank r scores prompts
+    r, r + world, ...; every rank runs the same number of trajectories (under ZeRO-3 each
+    forward is a collective), a rank short of prompts repeats one and does not count it.
+    ``reduce_sum`` sums a tensor over ranks; every rank gets the same means.
+    """
     from ..rewards import motion_score
     from .models import decode_latents
 
-    train_scores: dict[str, list[float]] = {}
-    held_scores: dict[str, list[float]] = {}
-    motions = []
+    names = [spec.name for spec, _ in trainer.rewards]
+    held_names = [spec.name for spec, _ in held_out]
+    # [counted prompts, motion sum, motion count, training reward sums..., held-out sums...]
+    sums = torch.zeros(3 + len(names) + len(held_names), dtype=torch.float64)
+    mine = list(range(rank, len(prompts), world))
+    rounds = -(-len(prompts) // world)
     with torch.no_grad():
-        for i, prompt in enumerate(prompts):
+        for n in range(rounds):
+            counted = n < len(mine)
+            i = mine[n] if counted else mine[-1] if mine else 0
             generator = torch.Generator().manual_seed(seed + i)
-            latents = trainer.trajectory([prompt], generator, None)
-            video = decode_latents(trainer.vae, latents).permute(0, 2, 1, 3, 4)  # [1, F, 3, H, W]
-            first = trainer.frames(latents)
-            for name, value in trainer.score(first, [prompt], trainer.rewards).items():
-                train_scores.setdefault(name, []).append(float(value))
-            for name, value in trainer.score(first, [prompt], held_out).items():
-                held_scores.setdefault(name, []).append(float(value))
-            if video.shape[1] > 1:
-                motions.append(float(motion_score(video[0])))
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {"rewards": {k: mean(v) for k, v in train_scores.items()},
-            "held_out": {k: mean(v) for k, v in held_scores.items()},
-            "motion": mean(motions) if motions else None}
+            latents = trainer.trajectory([prompts[i]], generator, None)
+            video = decode_latents(trainer.vae, latents)  # once: the reward frames are its first ones
+            if not counted:
+                continue
+            first = trainer.reward_frames(video)
+            scores = trainer.score(first, [prompts[i]], trainer.rewards)
+            held = trainer.score(first, [prompts[i]], held_out)
+            sums[0] += 1
+            if video.shape[2] > 1:
+                sums[1] += float(motion_score(video.permute(0, 2, 1, 3, 4)[0]))
+                sums[2] += 1
+            for k, name in enumerate(names):
+                sums[3 + k] += float(scores[name])
+            for k, name in enumerate(held_names):
+                sums[3 + len(names) + k] += float(held[name])
+    sums = reduce_sum(sums)
+    count = float(sums[0])
+    return {"rewards": {name: float(sums[3 + k]) / count for k, name in enumerate(names)},
+            "held_out": {name: float(sums[3 + len(names) + k]) / count for k, name in enumerate(held_names)},
+            "motion": float(sums[1]) / float(sums[2]) if float(sums[2]) else None}
+
+
+def selection_criterion(cfg: TrainConfig) -> str:
+    """What the best LoRA is chosen by (also in the validation event)."""
+    if cfg.held_out_rewards:
+        return "mean of held_out_rewards (" + ", ".join(s.name for s in cfg.held_out_rewards) + ")"
+    return ("mean of the training rewards (" + ", ".join(s.name for s in cfg.rewards) + ") on the validation "
+            "prompts: no held_out_rewards are set")
 
 
 # ---- the run ------------------------------------------------------------------------
@@ -281,6 +391,7 @@ def _current_memory_mb(device) -> float:
 
 
 def _save_pngs(frames: torch.Tensor, folder: Path, step: int) -> list[str]:
+    """Decoded frames as PNG files, each written atomically."""
     from PIL import Image
 
     paths = []
@@ -288,29 +399,55 @@ def _save_pngs(frames: torch.Tensor, folder: Path, step: int) -> list[str]:
         for f in range(frames.shape[1]):
             array = (frames[b, f].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
             path = folder / f"sample-{step:06d}-{b}-{f}.png"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path)
+            image = Image.fromarray(array)
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             paths.append(str(path))
     return paths
 
 
 def average_loras(paths: list[Path]) -> dict[str, tuple]:
-    """Post-hoc averaging of checkpoint LoRAs (mean of each up and down factor)."""
+    """The average of k checkpoint LoRAs, exactly, as one LoRA of rank sum(r_i).
+
+    mean_i(s_i B_i A_i) = U D with U = [s_1 B_1 ... s_k B_k] / k and D = [A_1; ...; A_k]
+    (s_i = alpha_i / r_i, or 1 without alpha); alpha is set to the new rank so that the
+    loader's scale alpha / rank is 1. Averaging up and down separately would be wrong:
+    mean(B) mean(A) != mean(B A).
+    """
     from ..lora_format import read_lora
 
-    sums: dict[str, list] = {}
+    ups: dict[str, list] = {}
+    downs: dict[str, list] = {}
     for path in paths:
         lora = read_lora(path)
         for native, parts in lora.modules.items():
             up, down = lora.tensors[parts["lora_up.weight"]].float(), lora.tensors[parts["lora_down.weight"]].float()
-            alpha = float(lora.tensors[parts["alpha"]]) if "alpha" in parts else None
-            entry = sums.setdefault(native, [torch.zeros_like(up), torch.zeros_like(down), alpha])
-            entry[0] += up / len(paths)
-            entry[1] += down / len(paths)
-    return {k: tuple(v) for k, v in sums.items()}
+            scale = float(lora.tensors[parts["alpha"]]) / down.shape[0] if "alpha" in parts else 1.0
+            ups.setdefault(native, []).append(up * scale / len(paths))
+            downs.setdefault(native, []).append(down)
+    out = {}
+    for native in ups:
+        if len(ups[native]) != len(paths):
+            raise ValueError(f"module {native} is missing from some of the averaged LoRAs")
+        up, down = torch.cat(ups[native], dim=1), torch.cat(downs[native], dim=0)
+        out[native] = (up, down, float(down.shape[0]))
+    return out
+
+
+def _deepspeed_layout(model, params) -> dict:
+    """ZeRO stage, offload devices and whether the LoRA parameters really are partitioned."""
+    def device(offload) -> str:
+        value = getattr(offload, "device", None) if offload is not None else None
+        return str(getattr(value, "value", value or "none"))
+
+    return {"zero_stage": int(model.zero_optimization_stage()),
+            "offload_param_device": device(model.zero_offload_param()),
+            "offload_optimizer_device": device(model.zero_offload_optimizer()),
+            "lora_params_partitioned": bool(params) and all(hasattr(p, "ds_id") for p in params)}
 
 
 def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> int:
+    from accelerate.utils import broadcast
+
     from ..lora_format import save_canonical_lora
     from .models import load_wan_expert, load_wan_vae
 
@@ -318,16 +455,18 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     rank, world = accelerator.process_index, accelerator.num_processes
     progress.main = accelerator.is_main_process
     output = Path(cfg.output_dir)
-    control = Control(output)
+    control = Control(output, read_files=accelerator.is_main_process)
+    replaced = None
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         control.clear_stale()
+        if not cfg.resume:
+            replaced = move_aside(output)  # starting over: never mix two runs' checkpoints
         write_text(output / "run_config.yaml", dump_config(cfg))
+    accelerator.wait_for_everyone()
     control.install_signal_handlers()
     device = accelerator.device
     dtype = DTYPES[cfg.mixed_precision]
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
 
     train_prompts, val_prompts = resolve_prompts(cfg)
     embeddings = load_embeddings(cfg, train_prompts + val_prompts + [cfg.negative_prompt], device)
@@ -335,15 +474,20 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     # Our models are built whole and not partitioned at construction (transformers would
     # otherwise build the reward CLIP under zero.Init with empty parameters).
     with _no_zero_init(accelerator) if use_ds else contextlib.nullcontext():
-        experts = {"high": load_wan_expert(cfg.high_noise_model, dtype),
-                   "low": load_wan_expert(cfg.low_noise_model, dtype)}
+        experts = {}
+        for name in ("high", "low"):
+            with file_field(f"{name}_noise_model"):
+                experts[name] = load_wan_expert(getattr(cfg, f"{name}_noise_model"), dtype)
+        check_stack(cfg, experts, embeddings)
         trained = experts[cfg.expert]
-        adapted = add_lora(trained, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_exclude)
+        torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same on every rank
+        adapted = adapt(cfg, trained)
         if cfg.gradient_checkpointing:
             trained.enable_gradient_checkpointing()
         other_name = "low" if cfg.expert == "high" else "high"
         experts[other_name] = experts[other_name].to(device)
-        vae = load_wan_vae(cfg.vae, dtype).to(device)
+        with file_field("vae"):
+            vae = load_wan_vae(cfg.vae, dtype).to(device)
         rewards = reward_loader(cfg.rewards, device, dtype, "rewards")
         held_out = reward_loader(cfg.held_out_rewards, device, dtype, "held_out_rewards")
 
@@ -368,23 +512,39 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
                 "trainer": "wan-reward-lora reward backprop"}
 
     def write_lora(path: Path, step: int):
-        state = lora_state(model)  # collective under ZeRO-3
+        state = lora_state(model)  # collective under ZeRO-3: every rank must call it
         if accelerator.is_main_process:
             save_canonical_lora(path, native_modules(state, cfg.lora_alpha), {**metadata, "steps": str(step)})
         return path
+
+    guard = GamingGuard(cfg.gaming_patience)
+    # the best validation score so far; the base model's (step 0) is a candidate, so a LoRA
+    # worse than the base never becomes "best" (path None: the base is the best)
+    best = {"score": None, "step": None, "path": None}
 
     start = 0
     resumed_from = None
     if cfg.resume:
         found = latest_checkpoint(output)
         if found is not None:
+            info = read_run_info(found)
+            check_resumable(cfg, info, world, found)
             start = load_checkpoint(accelerator, model, optimizer, scheduler, found, use_ds)
+            best.update(info.get("best") or {})
+            guard.load_state(info.get("guard") or {})
             resumed_from = str(found)
-    progress.emit("started", step=start, max_steps=cfg.max_steps, expert=cfg.expert, world_size=world,
-                  output_dir=str(output), lora_path=str(cfg.lora_path), config_hash=cfg.config_hash(),
-                  resumed_from=resumed_from, adapted_modules=len(adapted), deepspeed=use_ds,
-                  gradient_clipping=float(model.gradient_clipping()) if use_ds else cfg.max_grad_norm,
-                  memory_at_start_mb=round(_current_memory_mb(device), 1))
+    started_fields = dict(step=start, max_steps=cfg.max_steps, expert=cfg.expert, world_size=world,
+                          output_dir=str(output), lora_path=str(cfg.lora_path), config_hash=cfg.config_hash(),
+                          resumed_from=resumed_from, replaced_checkpoints=str(replaced) if replaced else None,
+                          adapted_modules=len(adapted), deepspeed=use_ds,
+                          gradient_clipping=float(model.gradient_clipping()) if use_ds else cfg.max_grad_norm,
+                          memory_at_start_mb=round(_current_memory_mb(device), 1))
+    if use_ds:
+        started_fields.update(_deepspeed_layout(model, params))
+    progress.emit("started", **started_fields)
+    if replaced:
+        progress.emit("warning", step=start, message=f"resume: false: the earlier run's checkpoints were moved to "
+                      f"{replaced}; this run starts over")
 
     saved = {"step": None}
 
@@ -392,42 +552,57 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
         if saved["step"] == step:  # already saved at this step (e.g. periodic, then final)
             return
         saved["step"] = step
+        run_info = {"config": cfg.to_dict(), "config_hash": cfg.config_hash(), "world_size": world,
+                    "best": {**best, "path": str(best["path"]) if best["path"] else None}, "guard": guard.state()}
         path = save_checkpoint(accelerator, model, optimizer, scheduler, step, output,
-                               lambda p: write_lora(p, step), cfg.checkpoints_keep, use_ds)
+                               lambda p: write_lora(p, step), cfg.checkpoints_keep, use_ds, run_info)
         write_lora(cfg.lora_path, step)
         progress.emit("checkpoint", step=step, path=str(path), lora_path=str(cfg.lora_path), reason=reason)
 
     def agreed(requests: dict) -> dict:
-        """Every rank acts on a request any rank saw (files are read by rank 0 only)."""
+        """Every rank acts on a request any rank saw: flag files are read by rank 0 only,
+        a signal may reach any rank; the sum over ranks is the same everywhere."""
         if world == 1:
             return requests
         flags = torch.tensor([float(requests[k]) for k in ("stop", "save_now", "sample_now")])
         flags = accelerator.reduce(flags.to(device), reduction="sum").cpu()
         return {k: bool(flags[i] > 0) for i, k in enumerate(("stop", "save_now", "sample_now"))}
 
-    guard = GamingGuard(cfg.gaming_patience)
-    best = {"score": None, "path": None}
+    def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+        if world == 1:
+            return tensor
+        return accelerator.reduce(tensor.float().to(device), reduction="sum").cpu().double()
+
+    criterion_name = selection_criterion(cfg)
 
     def run_validation(step: int) -> bool:
-        """Validate, keep the best LoRA by the held-out criterion; True if the guard tripped."""
-        result = validate(trainer, held_out, val_prompts, cfg.validation_seed)
+        """Validate, keep the best LoRA by the criterion; True if the guard tripped. The
+        decisions are rank 0's, broadcast, so every rank gathers the LoRA together."""
+        result = validate(trainer, held_out, val_prompts, cfg.validation_seed, rank, world, reduce_sum)
         train_val = sum(result["rewards"].values()) / len(result["rewards"])
         held = sum(result["held_out"].values()) / len(result["held_out"]) if result["held_out"] else None
         criterion = held if held is not None else train_val
-        improved = step > 0 and (best["score"] is None or criterion > best["score"])
-        if improved:
-            best["score"], best["path"] = criterion, cfg.best_lora_path
-            write_lora(cfg.best_lora_path, step)
+        improved = best["score"] is None or criterion > best["score"]
         warning = guard.update(train_val, held, result["motion"])
+        decisions = torch.tensor([float(improved), float(guard.tripped)], device=device)
+        if world > 1:
+            decisions = broadcast(decisions, from_process=0)
+        improved, tripped = bool(decisions[0].item()), bool(decisions[1].item())
+        if improved:
+            best.update(score=criterion, step=step, path=cfg.best_lora_path if step > 0 else None)
+            if step > 0:
+                write_lora(cfg.best_lora_path, step)
         progress.emit("validation", step=step, rewards=result["rewards"], held_out=result["held_out"],
-                      motion=result["motion"], best=improved,
-                      best_lora_path=str(best["path"]) if best["path"] else None)
+                      motion=result["motion"], best=improved and step > 0,
+                      best_lora_path=str(best["path"]) if best["path"] else None,
+                      criterion=criterion_name, criterion_value=criterion, best_score=best["score"],
+                      best_step=best["step"])
         if warning:
             progress.emit("warning", step=step, message=warning)
-        return guard.tripped
+        return tripped
 
     if cfg.validation_every and val_prompts and start == 0:
-        run_validation(0)  # the base model's scores: the reference for the guard
+        run_validation(0)  # the base model's scores: the guard's reference and the first best candidate
     sample_next = False
     reason = "completed"
     step = start
@@ -451,6 +626,7 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
             rewards_mean.append(weighted)
             for k, v in scores.items():
                 per_reward.setdefault(k, []).append(v)
+            del loss
         if use_ds:
             norm = model.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
@@ -460,6 +636,7 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
             if accelerator.is_main_process:
                 progress.emit("sample", step=step, paths=_save_pngs(frames, output / "samples", step))
             sample_next = False
+        del frames
         metrics = torch.tensor([sum(losses) / len(losses), sum(rewards_mean) / len(rewards_mean)]
                                + [sum(v) / len(v) for v in per_reward.values()], device=device)
         metrics = accelerator.reduce(metrics, reduction="mean").cpu() if world > 1 else metrics.cpu()
@@ -489,16 +666,19 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     else:
         checkpoint(step, "final")
 
-    ema_path = None
+    average_path = None
     if cfg.ema_last_checkpoints > 1 and accelerator.is_main_process:
         loras = recent_loras(output, cfg.ema_last_checkpoints)
         if len(loras) > 1:
-            ema_path = save_canonical_lora(cfg.ema_lora_path, average_loras(loras),
-                                           {**metadata, "steps": str(step), "averaged_checkpoints": str(len(loras))})
+            average_path = save_canonical_lora(
+                cfg.ema_lora_path, average_loras(loras),
+                {**metadata, "steps": str(step), "averaged_checkpoints": str(len(loras)),
+                 "averaged_steps": ",".join(p.parent.name.split("-")[-1].lstrip("0") or "0" for p in loras),
+                 "rank": str(cfg.lora_rank * len(loras)), "alpha": str(float(cfg.lora_rank * len(loras))),
+                 "averaging": "exact average of the last checkpoints' LoRAs (not an EMA)"})
     progress.emit("finished", step=step, reason=reason, lora_path=str(cfg.lora_path),
                   best_lora_path=str(best["path"]) if best["path"] else None,
-                  ema_lora_path=str(ema_path) if ema_path else None)
+                  ema_lora_path=str(average_path) if average_path else None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return EXIT_OK
-

@@ -8,14 +8,20 @@ appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`
 
   started     step (first step to run, > 0 on resume), max_steps, expert, world_size,
               output_dir, lora_path, config_hash, resumed_from (checkpoint dir or null),
-              deepspeed (bool), gradient_clipping, memory_at_start_mb, adapted_modules
+              deepspeed (bool), gradient_clipping, memory_at_start_mb, adapted_modules,
+              replaced_checkpoints (where resume: false moved an earlier run's checkpoints, or
+              null); with DeepSpeed also zero_stage, offload_param_device and
+              offload_optimizer_device ("cpu", "nvme" or "none"), lora_params_partitioned
   step        step (1-based, completed optimizer steps), max_steps, loss, reward (weighted
               mean of the training rewards), rewards {name: mean}, lr, grad_norm (before
               clipping, null if unknown), seconds (this step), peak_memory_mb (GPU: peak
               allocated this step; CPU: the process's peak resident set), eta_seconds
   checkpoint  step, path (checkpoint folder), lora_path, reason (periodic|stop|save_now|final)
   validation  step, rewards {name: mean over validation prompts}, held_out {name: mean},
-              motion, best (bool: new best held-out score), best_lora_path
+              motion, best (bool: this step's LoRA is the new best), best_lora_path (null
+              while the base model scores best), criterion (what "best" is measured by: the
+              held-out rewards' mean, or the training rewards' when none is held out),
+              criterion_value, best_score, best_step (0 = the base model)
   sample      step, paths (PNG files of the decoded training frames)
   warning     step, message (e.g. reward gaming suspected)
   finished    step, reason (completed|stopped|gaming_guard), lora_path, best_lora_path
@@ -79,27 +85,30 @@ def _jsonable(value):
         return str(value)
 
 
+def parse_event(line: str) -> dict | None:
+    """A progress event from one stdout line, or None for any other output (the one parser:
+    the launcher reads the stream line by line with it)."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "event" in record else None
+
+
 def parse_events(text: str) -> list[dict]:
-    """The progress events in a stdout capture (what the node does line by line)."""
-    events = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "event" in record:
-            events.append(record)
-    return events
+    """The progress events in a stdout capture."""
+    return [e for e in map(parse_event, text.splitlines()) if e is not None]
 
 
 class Control:
     """Stop / save-now / sample-now requests from flag files and SIGTERM/SIGINT."""
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike, read_files: bool = True):
         self.dir = Path(output_dir)
+        self.read_files = read_files  # rank 0 only: the flags are consumed once, then shared
         self.signalled = False
 
     def install_signal_handlers(self) -> None:
@@ -119,6 +128,8 @@ class Control:
     def poll(self) -> dict[str, bool]:
         """Requests seen since the last poll; flag files are consumed."""
         requests = {"stop": self.signalled, "save_now": False, "sample_now": False}
+        if not self.read_files:
+            return requests
         for key, name in (("stop", STOP_FILE), ("save_now", SAVE_NOW_FILE), ("sample_now", SAMPLE_NOW_FILE)):
             path = self.dir / name
             if path.exists():
