@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import UserFileError
+from ..safe_io import UserFileError, file_format
 from .base import RewardModel
 
 EXPECTED_FILES = (
@@ -25,21 +25,6 @@ _PREFIXES = ("module.", "model.", "mps.")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # Every file suffix the loader reads (compared in lower case); the node's dropdown lists only these.
 REWARD_EXTENSIONS = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".bin", ".ckpt")
-
-
-def sniff_format(path: Path) -> str:
-    """The file's format from its first bytes: "safetensors", "torch-zip", "pickle", "empty" or "unknown"."""
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if not head:
-        return "empty"
-    if head[:4] == b"PK\x03\x04":  # torch.save's default zip container
-        return "torch-zip"
-    if len(head) > 8 and head[8:9] == b"{" and head[5:8] == b"\0\0\0":
-        return "safetensors"  # a little-endian u64 header length (< 1 TB), then the JSON header
-    if head[:1] == b"\x80":  # pickle protocol 2+ (legacy torch.save)
-        return "pickle"
-    return "unknown"
 
 
 def _corrupt(path: Path, what: str, exc: BaseException) -> UserFileError:
@@ -85,7 +70,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         where = "it is a folder, not a file" if path.is_dir() else "no such file"
         raise UserFileError(f"reward model checkpoint not found: {path} ({where}).\n{EXPECTED_FILES}")
-    kind = sniff_format(path)
+    kind = file_format(path)
     if kind == "empty":
         raise UserFileError(f"{path.name} is empty (0 bytes): the download or copy did not finish; download it again")
     if kind == "unknown":
