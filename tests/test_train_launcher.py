@@ -13,33 +13,46 @@ import yaml
 
 from training.trainer import launcher
 from training.trainer.launcher import (DeviceChoice, DeviceLock, LaunchError, RunResult, TrainerProcess,
-                                       build_command, build_env, failure_message, group_members, parse_devices,
-                                       parse_event, strip_launcher_traceback)
+                                       build_command, build_env, failure_message, parse_devices, parse_event,
+                                       strip_launcher_traceback)
 
-# A fake trainer: prints progress events, starts a child "rank" in its group, and reacts to
-# STOP / SIGTERM according to MODE (obey | ignore_stop | ignore_all).
+# A fake trainer: prints progress events and starts a child "rank" in a session of its OWN that
+# ignores SIGTERM (as torch's elastic agent starts ranks), and reacts to STOP / SIGTERM according
+# to MODE: obey (STOP: finish, kill the rank), ignore_stop (SIGTERM kills the leader alone),
+# ignore_all (the leader ignores SIGTERM too), agent (SIGTERM: kill the rank, exit, as torch's
+# agent does), late (also starts a second rank after 1 s).
 FAKE_TRAINER = textwrap.dedent("""
     import json, os, signal, subprocess, sys, time
     out, mode = sys.argv[1], sys.argv[2]
-    child = subprocess.Popen([sys.executable, "-c", "import signal, time\\n"
-                              + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n" if mode == "ignore_all" else "")
-                              + "time.sleep(600)"])
-    with open(os.path.join(out, "child.pid"), "w") as f:
-        f.write(str(child.pid))
+    def rank(name):
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time\\n"
+                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(600)"],
+                                 start_new_session=True)
+        with open(os.path.join(out, name), "w") as f:
+            f.write(str(child.pid))
+        return child
+    child = rank("child.pid")
     if mode == "ignore_all":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode == "agent":
+        def shutdown(signum, frame):
+            child.kill(); child.wait(); sys.exit(1)
+        signal.signal(signal.SIGTERM, shutdown)
     print("some library noise", flush=True)
     print(json.dumps({"event": "started", "step": 0, "max_steps": 1000}), flush=True)
     step = 0
+    start = time.monotonic()
     while True:
         step += 1
         print(json.dumps({"event": "step", "step": step, "max_steps": 1000, "loss": 1.0 / step,
                           "reward": 0.1 * step, "rewards": {"hps": 0.1 * step}, "eta_seconds": 5}), flush=True)
+        if mode == "late" and time.monotonic() - start > 1 and not os.path.exists(os.path.join(out, "late.pid")):
+            rank("late.pid")
         stop = os.path.join(out, "STOP")
         if mode == "obey" and os.path.exists(stop):
             os.unlink(stop)
             print(json.dumps({"event": "finished", "step": step, "reason": "stopped", "lora_path": "x"}), flush=True)
-            child.terminate(); child.wait()
+            child.kill(); child.wait()
             sys.exit(0)
         time.sleep(0.05)
 """)
@@ -59,9 +72,21 @@ def fake(tmp_path):
         while not (out / "child.pid").exists() or not any(e["event"] == "step" for e in proc.events):
             assert time.monotonic() < deadline, proc.log_tail()
             time.sleep(0.05)
+        started.append(proc)
         return proc
 
-    return start
+    started = []
+    yield start
+    for proc in started:  # a failed test must not leave its SIGTERM-proof ranks behind
+        for name in ("child.pid", "late.pid"):
+            pid_file = proc.output_dir / name
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if proc.poll() is None:
+            proc.process.kill()
 
 
 def _alive(pid: int) -> bool:
@@ -146,16 +171,16 @@ def test_stream_and_graceful_stop(fake):
     assert steps == list(range(1, len(steps) + 1))
     assert "some library noise" in result.log_tail
     assert "some library noise" in proc.log_path.read_text()
-    assert not _alive(child) and not group_members(proc.pgid)
+    assert not _alive(child) and not proc.group_alive()
 
 
 def test_stop_terminates_group_when_stop_file_ignored(fake):
     proc = fake("ignore_stop")
     child = int((proc.output_dir / "child.pid").read_text())
     t0 = time.monotonic()
-    code = proc.stop(grace_s=0.5, kill_s=5)
+    code = proc.stop(grace_s=0.5, kill_s=1)
     assert code == -signal.SIGTERM and time.monotonic() - t0 < 5
-    assert not _alive(child) and not group_members(proc.pgid)
+    assert not _alive(child) and not proc.group_alive()
 
 
 def test_stop_kills_group_that_ignores_sigterm(fake):
@@ -164,7 +189,7 @@ def test_stop_kills_group_that_ignores_sigterm(fake):
     t0 = time.monotonic()
     code = proc.stop(grace_s=0.3, kill_s=0.5)
     assert code == -signal.SIGKILL and time.monotonic() - t0 < 8
-    assert not _alive(child) and not group_members(proc.pgid)
+    assert not _alive(child) and not proc.group_alive()
 
 
 # ---- lock and failure messages --------------------------------------------------------------
@@ -255,15 +280,60 @@ def test_trainers_stopped_when_the_caller_exits(tmp_path):
             f"p = TrainerProcess([sys.executable, {str(script)!r}, {str(out)!r}, 'ignore_stop'], "
             f"build_env(DeviceChoice(1)), {str(out)!r}).start()\n"
             "while p.next_event(10)['event'] != 'step': pass\n"
-            "print(p.pgid, flush=True)\n")
+            "print(p.process.pid, flush=True)\n")
     caller = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert caller.returncode == 0, caller.stderr
-    pgid = int(caller.stdout.split()[0])
+    leader = int(caller.stdout.split()[0])
     child = int((out / "child.pid").read_text())
-    deadline = time.monotonic() + 5
-    while group_members(pgid) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while (_alive(leader) or _alive(child)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not group_members(pgid) and not _alive(child)
+    assert not _alive(leader) and not _alive(child)
+
+
+def test_stop_reaches_ranks_started_late(fake):
+    proc = fake("late")
+    out = proc.output_dir
+    deadline = time.monotonic() + 10
+    while not (out / "late.pid").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ranks = [int((out / name).read_text()) for name in ("child.pid", "late.pid")]
+    proc.stop(grace_s=0.2, kill_s=0.5)
+    assert not any(map(_alive, ranks)) and not proc.group_alive()
+
+
+def test_trainer_dies_with_a_killed_caller(tmp_path):
+    """ComfyUI SIGKILLed: the kernel's parent-death SIGTERM reaches the launcher, which (as torch's
+    agent does) ends its ranks; the trainer is also told the caller's pid."""
+    import subprocess
+
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (f"import sys, time; sys.path.insert(0, {str(launcher.PACK_ROOT)!r})\n"
+            "from training.trainer.launcher import DeviceChoice, TrainerProcess, build_env\n"
+            f"p = TrainerProcess([sys.executable, {str(script)!r}, {str(out)!r}, 'agent'], "
+            f"build_env(DeviceChoice(1)), {str(out)!r}).start()\n"
+            "while p.next_event(10)['event'] != 'step': pass\n"
+            "print(p.process.pid, p.env['WAN_REWARD_PARENT_PID'], flush=True)\n"
+            "time.sleep(600)\n")
+    caller = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        leader, parent = map(int, caller.stdout.readline().split())
+        assert parent == caller.pid
+        child = int((out / "child.pid").read_text())
+        assert _alive(leader) and _alive(child)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 5
+        while (_alive(leader) or _alive(child)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(leader) and not _alive(child)
+    finally:
+        caller.kill()
+        caller.wait()
 
 
 def test_log_tail_drops_the_launchers_traceback():

@@ -2,20 +2,25 @@
 
 Used by the ComfyUI "Reward LoRA Train" node and usable from any Python program; never
 imports ComfyUI. The trainer is its own program (``accelerate launch ... train_reward_lora.py``),
-started from an argument list in its own process group, so a stop reaches every rank and
-nothing of the caller is relaunched per rank.
+started from an argument list in its own session; nothing of the caller is relaunched per rank.
 
 Stop sequence (``TrainerProcess.stop``): create ``<output_dir>/STOP`` (the trainer saves a
-checkpoint and the LoRA, then exits 0), after ``grace_s`` SIGTERM to the whole group (the
-trainer treats it like STOP), after ``kill_s`` more SIGKILL to the group.
+checkpoint and the LoRA, then exits 0), after ``grace_s`` SIGTERM to every process of the
+launcher's tree, after ``kill_s`` more SIGKILL to them. The tree is collected with psutil, not
+by process group: torch's elastic agent starts each rank in a session of its own, so a
+``killpg`` on the launcher's group would never reach the ranks.
+
+If the caller dies (ComfyUI killed), the launcher gets SIGTERM from the kernel (Linux
+``PR_SET_PDEATHSIG``; torch's agent then terminates its workers), and the trainer finds the
+caller's pid in ``WAN_REWARD_PARENT_PID``.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import ctypes
 import fcntl
-import json
 import os
 import queue
 import signal
@@ -28,7 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, STOP_FILE
+import psutil
+
+from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, STOP_FILE, parse_event
+
+PARENT_PID_ENV = "WAN_REWARD_PARENT_PID"  # the caller's pid: the trainer may stop when it disappears
 
 TRAINING_DIR = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPT = TRAINING_DIR / "train_reward_lora.py"
@@ -159,6 +168,7 @@ def build_env(devices: DeviceChoice, base: dict | None = None, threads: int | No
     env = dict(os.environ if base is None else base)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(devices.gpu_ids)
     env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_PID_ENV] = str(os.getpid())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -244,21 +254,10 @@ class RunResult:
         return next((e for e in reversed(self.events) if e.get("event") == "error"), None)
 
 
-def parse_event(line: str) -> dict | None:
-    """A progress event from one stdout line, or None for any other output."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) and "event" in record else None
-
-
 class TrainerProcess:
-    """A trainer subprocess in its own process group; stdout+stderr go to ``<output_dir>/train.log``
-    and a reader thread turns progress lines into events (``next_event``)."""
+    """A trainer subprocess in its own session; stdout+stderr go to ``<output_dir>/train.log``
+    and a reader thread turns progress lines into events (``next_event``). Its process tree
+    (launcher, agent, ranks, their helpers) is tracked so that ``stop`` leaves none behind."""
 
     def __init__(self, command: list[str], env: dict[str, str], output_dir: str | os.PathLike,
                  tail_lines: int = 60, cwd: str | os.PathLike | None = None):
@@ -271,6 +270,8 @@ class TrainerProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
+        self._tree: dict[int, psutil.Process] = {}  # every process of the run seen so far
+        self._collected = 0.0
         self.stop_requested = False
 
     @property
@@ -283,8 +284,12 @@ class TrainerProcess:
         self.process = subprocess.Popen(
             self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, text=True, encoding="utf-8", errors="replace",
-            bufsize=1,
+            bufsize=1, preexec_fn=_die_with_parent(os.getpid()),
         )
+        try:
+            self._tree[self.process.pid] = psutil.Process(self.process.pid)
+        except psutil.NoSuchProcess:
+            pass
         self._reader = threading.Thread(target=self._read, name="trainer-stdout", daemon=True)
         self._reader.start()
         _RUNNING.add(self)
@@ -303,15 +308,12 @@ class TrainerProcess:
                 elif line.strip():
                     self._tail.append(line.rstrip("\n"))
 
-    @property
-    def pgid(self) -> int:
-        assert self.process is not None
-        return self.process.pid  # start_new_session: the group id is the leader's pid
-
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
     def next_event(self, timeout: float) -> dict | None:
+        if time.monotonic() - self._collected > 1.0:
+            self.collect_tree()  # follow the tree while it runs: ranks outlive a dead agent re-parented
         try:
             return self._queue.get(timeout=timeout)
         except queue.Empty:
@@ -322,45 +324,62 @@ class TrainerProcess:
         failed rank with a long traceback of their own that would hide the trainer's)."""
         return "\n".join(strip_launcher_traceback(list(self._tail))[-lines:])
 
-    def group_alive(self) -> bool:
-        """Whether any process of the run's group still exists (zombies excluded)."""
+    def collect_tree(self) -> list[psutil.Process]:
+        """Add the launcher's descendants (and those of every process already seen, which may have
+        been re-parented after their parent exited) to the tracked tree; returns the live ones."""
         if self.process is None:
-            return False
-        return bool(group_members(self.pgid))
+            return []
+        self._collected = time.monotonic()
+        for proc in list(self._tree.values()):
+            try:
+                for child in proc.children(recursive=True):
+                    self._tree.setdefault(child.pid, child)
+            except psutil.Error:
+                continue
+        alive = [proc for proc in self._tree.values() if _alive(proc)]
+        self._tree = {proc.pid: proc for proc in alive}
+        return alive
 
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def group_alive(self) -> bool:
+        """Whether any process of the run's tree still exists (zombies excluded)."""
+        return bool(self.collect_tree())
+
+    def _signal_tree(self, sig: int, skip: set[int] | None = None) -> None:
+        """Send ``sig`` to every live process of the tree not in ``skip`` (then added to it)."""
+        for proc in self.collect_tree():
+            if skip is not None:
+                if proc.pid in skip:
+                    continue
+                skip.add(proc.pid)
+            try:
+                proc.send_signal(sig)  # psutil checks the pid was not reused
+            except psutil.Error:
+                pass
 
     def stop(self, grace_s: float = 60.0, kill_s: float = 10.0) -> int:
-        """STOP file, then SIGTERM to the group after ``grace_s``, then SIGKILL after ``kill_s``.
-        Returns the exit code; on return no process of the group is left."""
+        """STOP file, then SIGTERM to the whole tree after ``grace_s``, then SIGKILL after ``kill_s``
+        (children are collected again each round, so late-spawned ranks are caught). Returns the
+        exit code; on return no process of the tree is left."""
         if self.process is None:
             return 0
         self.stop_requested = True
+        self.collect_tree()
         if self.process.poll() is None:
             try:
                 (self.output_dir / STOP_FILE).touch()
             except OSError:
                 pass
         for sig, wait_s in ((None, grace_s), (signal.SIGTERM, kill_s), (signal.SIGKILL, 5.0)):
-            if sig is not None:
-                self._signal_group(sig)
+            signalled: set[int] = set()
             deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None and not self.group_alive():
+            while self.group_alive():
+                if sig is not None:  # each process once; collected again each round: late ranks too
+                    self._signal_tree(sig, skip=signalled)
+                if time.monotonic() >= deadline:
                     break
                 time.sleep(0.1)
             else:
-                continue
-            break
-        if self.group_alive():  # leader gone but workers left: no orphans
-            self._signal_group(signal.SIGKILL)
-            deadline = time.monotonic() + 5.0
-            while self.group_alive() and time.monotonic() < deadline:
-                time.sleep(0.1)
+                break
         return self.wait(timeout=5.0)
 
     def wait(self, timeout: float | None = None) -> int:
@@ -404,31 +423,45 @@ _RUNNING: "set[TrainerProcess]" = set()
 def _stop_running_trainers() -> None:
     """The caller exits (ComfyUI shut down): no trainer may outlive it holding the GPUs."""
     for run in list(_RUNNING):
-        if run.process is not None and (run.process.poll() is None or run.group_alive()):
-            run._signal_group(signal.SIGTERM)
+        if run.process is not None:
+            run._signal_tree(signal.SIGTERM)
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline and any(run.group_alive() for run in _RUNNING):
         time.sleep(0.1)
     for run in list(_RUNNING):
-        if run.group_alive():
-            run._signal_group(signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while run.group_alive() and time.monotonic() < deadline:
+            run._signal_tree(signal.SIGKILL)
+            time.sleep(0.1)
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids whose process group is ``pgid`` (Linux /proc)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        rest = stat.rsplit(")", 1)[-1].split()
-        if len(rest) > 2 and rest[0] != "Z" and int(rest[2]) == pgid:
-            members.append(int(entry))
-    return members
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int):
+    """preexec_fn for Linux: SIGTERM the child when the thread that started it dies (ComfyUI starts
+    runs from its long-lived prompt worker thread); elsewhere nothing. Written by hand: neither the
+    standard library nor psutil sets the parent-death signal."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl: act now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 # ---- failures -> what to tell the user -------------------------------------------------------
