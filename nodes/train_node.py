@@ -193,12 +193,13 @@ class WanRewardLoraTrain(io.ComfyNode):
         name = safe_output_name(output_name)
         try:
             devices = parse_devices(gpus, _visible_gpus())
+            lock_keys, lock_names = devices.lock_keys, devices.lock_names()  # physical GPU ids
         except LaunchError as exc:
             raise TrainInputError(str(exc)) from None
         args = dict(locals())
         run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / name
         owner = f"ComfyUI node {cls.hidden.unique_id}, output {name!r}"
-        device_lock = DeviceLock(devices.lock_keys, owner=owner)
+        device_lock = DeviceLock(lock_keys, owner=owner, names=lock_names)
         # one run per run folder, too (its lock file lives beside the folder)
         run_lock = DeviceLock([name], owner=owner, folder=run_dir.parent, names={name: f"the run {name!r}"})
         try:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -99,7 +101,8 @@ def _alive(pid: int) -> bool:
 
 # ---- devices -------------------------------------------------------------------------
 
-def test_parse_devices():
+def test_parse_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert parse_devices("auto", 0) == DeviceChoice(1)
     assert parse_devices("", 4) == DeviceChoice(4, ("0", "1", "2", "3"))
     assert parse_devices("2", 4) == DeviceChoice(2, ("0", "1"))
@@ -116,7 +119,36 @@ def test_parse_devices():
             parse_devices(bad, 2)
 
 
-def test_command_and_env(tmp_path):
+def test_gpu_ids_mapped_through_the_callers_visible_devices(monkeypatch):
+    """ComfyUI started with CUDA_VISIBLE_DEVICES=2,3 counts them as 0,1: the trainer must get 2,3."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    choice = parse_devices("1,", 2)  # GPU id 1 (a bare "1" is a count)
+    assert build_env(choice)["CUDA_VISIBLE_DEVICES"] == "3"
+    assert build_env(parse_devices("1", 2))["CUDA_VISIBLE_DEVICES"] == "2"
+    assert build_env(parse_devices("auto", 2))["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert choice.lock_keys == ["gpu3"] and choice.lock_names() == {"gpu3": "GPU 3 (ComfyUI's GPU 1)"}
+    assert build_env(DeviceChoice(1), base={"CUDA_VISIBLE_DEVICES": "2,3"})["CUDA_VISIBLE_DEVICES"] == ""
+    uuids = "GPU-aaaa-1111,GPU-bbbb-2222"
+    assert build_env(parse_devices("1,", 2), base={"CUDA_VISIBLE_DEVICES": uuids})["CUDA_VISIBLE_DEVICES"] \
+        == "GPU-bbbb-2222"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuids)
+    assert parse_devices("0,", 2).lock_keys == ["gpuGPU-aaaa-1111"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    with pytest.raises(LaunchError, match="CUDA_VISIBLE_DEVICES='2' lists 1 GPU"):
+        build_env(DeviceChoice(1, ("1",)))
+    # the lock is per physical GPU: ComfyUI's 0 under "3" and ComfyUI's 1 under "2,3" collide
+    folder = Path(tempfile.mkdtemp())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    first = DeviceLock(parse_devices("0,", 1).lock_keys, folder=folder).acquire()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    second = parse_devices("1,", 2)
+    with pytest.raises(LaunchError, match="GPU 3 \\(ComfyUI's GPU 1\\) is already training"):
+        DeviceLock(second.lock_keys, folder=folder, names=second.lock_names()).acquire()
+    first.release()
+
+
+def test_command_and_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cfg = tmp_path / "run.yaml"
     cmd = build_command(cfg, DeviceChoice(2), preset="none", python="/py", port=29123)
     assert cmd[:3] == ["/py", "-m", "accelerate.commands.launch"]

@@ -23,6 +23,7 @@ import ctypes
 import fcntl
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -60,9 +61,24 @@ class LaunchError(RuntimeError):
 
 # ---- device choice --------------------------------------------------------------------
 
+def physical_gpu_ids(gpu_ids, env: dict | None = None) -> tuple[str, ...]:
+    """The caller's GPU numbers (as its torch counts them) as entries of its own
+    ``CUDA_VISIBLE_DEVICES`` (ids or UUIDs), so a child sees the same physical GPUs."""
+    visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return tuple(str(g) for g in gpu_ids)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    missing = [str(g) for g in gpu_ids if int(g) >= len(entries)]
+    if missing:
+        raise LaunchError(f"GPU id(s) {', '.join(missing)} not visible: CUDA_VISIBLE_DEVICES={visible!r} "
+                          f"lists {len(entries)} GPU(s)")
+    return tuple(entries[int(g)] for g in gpu_ids)
+
+
 @dataclass(frozen=True)
 class DeviceChoice:
-    """Processes to start and the devices they see: ``gpu_ids`` (CUDA ids) or CPU processes."""
+    """Processes to start and the devices they see: ``gpu_ids`` (the caller's CUDA numbers) or CPU
+    processes."""
 
     num_processes: int
     gpu_ids: tuple[str, ...] = ()
@@ -71,10 +87,19 @@ class DeviceChoice:
     def cpu(self) -> bool:
         return not self.gpu_ids
 
+    def physical_ids(self, env: dict | None = None) -> tuple[str, ...]:
+        return physical_gpu_ids(self.gpu_ids, env)
+
     @property
     def lock_keys(self) -> list[str]:
-        """One lock per GPU; CPU runs (tests, demos) share the cores and take no device lock."""
-        return [f"gpu{g}" for g in self.gpu_ids]
+        """One lock per physical GPU (through the caller's CUDA_VISIBLE_DEVICES); CPU runs (tests,
+        demos) share the cores and take no device lock."""
+        return [f"gpu{re.sub(r'[^A-Za-z0-9-]', '_', g)}" for g in self.physical_ids()]
+
+    def lock_names(self) -> dict[str, str]:
+        """Lock key -> the GPU as the refusal names it."""
+        return {key: f"GPU {phys}" + (f" (ComfyUI's GPU {rel})" if phys != rel else "")
+                for key, phys, rel in zip(self.lock_keys, self.physical_ids(), self.gpu_ids)}
 
     def cpu_threads(self) -> int | None:
         """Threads per CPU process (the cores shared out), None for GPU runs."""
@@ -164,9 +189,10 @@ def build_command(config_path: str | os.PathLike, devices: DeviceChoice, preset:
 
 
 def build_env(devices: DeviceChoice, base: dict | None = None, threads: int | None = None) -> dict[str, str]:
-    """Environment of the trainer: ``CUDA_VISIBLE_DEVICES`` from the choice ("" for CPU runs)."""
+    """Environment of the trainer: ``CUDA_VISIBLE_DEVICES`` from the choice, mapped through the
+    caller's own ``CUDA_VISIBLE_DEVICES`` ("" for CPU runs)."""
     env = dict(os.environ if base is None else base)
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices.gpu_ids)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices.physical_ids(env))
     env["PYTHONUNBUFFERED"] = "1"
     env[PARENT_PID_ENV] = str(os.getpid())
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
