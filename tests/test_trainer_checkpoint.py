@@ -199,6 +199,8 @@ def test_model_file_errors_name_the_config_field(tiny):
                          "self_attn.qq")
     _expect_config_error(_config(tiny, "e5", vae=str(broken)), "vae", str(broken))
     _expect_config_error(_config(tiny, "e6", mixed_precision="fp16"), "mixed_precision", "DeepSpeed")
+    (tiny / "e7" / "checkpoints" / "step-000005").mkdir(parents=True)  # an older trainer's, no run.json
+    _expect_config_error(_config(tiny, "e7"), "resume", "step-000005", "resume: false")
 
 
 def test_quantisation_scales(tmp_path):

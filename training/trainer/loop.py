@@ -28,6 +28,7 @@ import torch
 from ..safe_io import UserFileError, atomic_write, write_text
 from .checkpoint import (
     check_resumable,
+    checkpoints_dir,
     latest_checkpoint,
     load_checkpoint,
     move_aside,
@@ -526,6 +527,11 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     resumed_from = None
     if cfg.resume:
         found = latest_checkpoint(output)
+        stray = sorted(checkpoints_dir(output).glob("step-*"))
+        if found is None and stray:
+            raise ConfigError("resume", f"{stray[-1]} is not a checkpoint this trainer can resume (no run.json: "
+                              "written by an older version, or damaged); set resume: false to start over (the "
+                              "old checkpoints are moved aside)")
         if found is not None:
             info = read_run_info(found)
             check_resumable(cfg, info, world, found)
