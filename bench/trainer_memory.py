@@ -1,21 +1,30 @@
 """Trainer memory and speed: does memory stay flat as inference steps grow, and does training
 the high-noise expert need no more than the low-noise one?
 
-    python bench/trainer_memory.py [--dim 256 --layers 4 --size 320 --frames 17]
+    python bench/trainer_memory.py [--dim 256 --layers 4 --size 320 --frames 17 --steps 3]
 
-Each configuration runs the real trainer (training/train_reward_lora.py) for 2 steps in a
-fresh process on tiny-ish random Wan experts (real architecture) with a fixed backprop
-window (tail, 1 step). Memory = peak during the steps minus the memory held after loading
-(GPU: allocated bytes; CPU: resident set). Prints a table and the ratios.
+Each configuration runs the real training loop (training.trainer.loop.train) in a fresh
+process on tiny-ish random Wan experts (real architecture) with a fixed backprop window
+(tail, 1 step). Memory = the peak during the training steps minus the memory held once
+everything is loaded (the "started" event):
+- GPU: torch's allocator, max_memory_allocated per step minus memory_allocated at start;
+- CPU: the process's resident set (psutil) sampled every 2 ms by a thread from the
+  "started" event on, minus the resident set at that event (ru_maxrss would include the
+  loading peak, and tracemalloc does not see torch's allocations); MALLOC_MMAP_THRESHOLD_
+  = 64 KiB so that freed tensors leave the resident set (glibc's heap would keep them).
+Prints a table with the figures and the ratios; exit 1 when a ratio exceeds 1.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -41,24 +50,82 @@ def write_models(folder: Path, dim: int, layers: int) -> dict:
     return config
 
 
-def run_one(base: dict, folder: Path, name: str, **overrides) -> dict:
-    from training.trainer.progress import parse_events
+class _Meter:
+    """A Progress stream that measures memory from the "started" event on."""
 
-    config = dict(base, output_dir=str(folder / name), max_steps=2, checkpoint_every=0, validation_every=0,
+    def __init__(self):
+        import psutil
+
+        self.process = psutil.Process()
+        self.baseline = None
+        self.peak = 0
+        self.steps = []
+        self.running = False
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def write(self, text: str) -> int:
+        import torch
+
+        from training.trainer.progress import parse_events
+
+        for event in parse_events(text):
+            if event["event"] == "started":
+                self.baseline = self.process.memory_info().rss
+                self.peak = self.baseline
+                self.gpu_baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+                self.running = True
+                threading.Thread(target=self._sample, daemon=True).start()
+            elif event["event"] == "step":
+                self.steps.append(event)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def child(config_path: str) -> None:
+    """One configuration, in this (fresh) process; prints one JSON line of results."""
+    import torch
+
+    from training.trainer.config import load_config
+    from training.trainer.loop import train
+    from training.trainer.progress import Progress
+
+    cfg = load_config(config_path)
+    meter = _Meter()
+    code = train(cfg, Progress(cfg.output_dir, stream=meter))
+    meter.running = False
+    if torch.cuda.is_available():
+        peak = max(e["peak_memory_mb"] for e in meter.steps) - meter.gpu_baseline / 2 ** 20
+        kind = "GPU allocated"
+    else:
+        peak = (meter.peak - meter.baseline) / 2 ** 20
+        kind = "CPU resident set"
+    seconds = sorted(e["seconds"] for e in meter.steps[1:] or meter.steps)
+    print(json.dumps({"code": code, "peak_mb": peak, "kind": kind, "baseline_mb": meter.baseline / 2 ** 20,
+                      "seconds": seconds[len(seconds) // 2]}))
+
+
+def run_one(base: dict, folder: Path, name: str, steps: int, **overrides) -> dict:
+    config = dict(base, output_dir=str(folder / name), max_steps=steps, checkpoint_every=0, validation_every=0,
                   resume=False, gradient_checkpointing=True, backprop_strategy="tail", backprop_steps=1)
     config.update(overrides)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([sys.executable, str(PACK / "training" / "train_reward_lora.py"), "--config", str(path)],
-                          capture_output=True, text=True, env=env, cwd=PACK)
-    events = parse_events(proc.stdout)
+    # CPU: tensors above 64 KiB get their own mappings, returned to the system when freed, so
+    # the resident set follows live memory instead of glibc's heap high-water mark
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True,
+                          env=env, cwd=PACK, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    started = events[0]
-    steps = [e for e in events if e["event"] == "step"]
-    return {"name": name, "peak_mb": steps[-1]["peak_memory_mb"] - started["memory_at_start_mb"],
-            "seconds": steps[-1]["seconds"]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"name": name, **result}
 
 
 def main() -> int:
@@ -67,21 +134,27 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per configuration")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base = write_models(folder, args.dim, args.layers)
         base.update(height=args.size, width=args.size, frames=args.frames, mixed_precision="no")
         rows = []
         for steps in (10, 20, 50):
-            rows.append(run_one(base, folder, f"low_{steps}_steps", expert="low", inference_steps=steps))
-        rows.append(run_one(base, folder, "high_20_steps", expert="high", inference_steps=20))
+            rows.append(run_one(base, folder, f"low_{steps}_steps", args.steps, expert="low", inference_steps=steps))
+        rows.append(run_one(base, folder, "high_20_steps", args.steps, expert="high", inference_steps=20))
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     print(f"device {device}; expert dim {args.dim}, {args.layers} blocks; {args.size}x{args.size}, {args.frames} frames; "
-          "CFG on, window = last step of the trained expert, gradient checkpointing")
-    print(f"{'run':<16} {'peak MiB above loaded':>22} {'s/step':>8}")
+          f"CFG on, window = last step of the trained expert, gradient checkpointing; {args.steps} steps each, "
+          f"memory = {rows[0]['kind']} peak during the steps minus after loading")
+    print(f"{'run':<16} {'loaded MiB':>11} {'peak MiB above loaded':>22} {'s/step (median)':>16}")
     for row in rows:
-        print(f"{row['name']:<16} {row['peak_mb']:>22.1f} {row['seconds']:>8.2f}")
+        print(f"{row['name']:<16} {row['baseline_mb']:>11.1f} {row['peak_mb']:>22.1f} {row['seconds']:>16.2f}")
     by = {r["name"]: r for r in rows}
     flat = by["low_50_steps"]["peak_mb"] / by["low_10_steps"]["peak_mb"]
     high = by["high_20_steps"]["peak_mb"] / by["low_20_steps"]["peak_mb"]
