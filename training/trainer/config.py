@@ -51,7 +51,8 @@ Optimisation
   gradient_accumulation_steps: int, 1
   seed: int, 42
   gradient_checkpointing: bool, true
-  mixed_precision: "bf16" | "fp16" | "no", "bf16"   ("no" = float32; CPU runs should use "no")
+  mixed_precision: "bf16" | "fp16" | "no", "bf16"   ("no" = float32; CPU runs should use "no";
+                                         fp16 only under DeepSpeed, which scales the loss)
 Sampling (training trajectories)
   height: int, 256; width: int, 256      multiples of 16
   frames: int, 81                        4k+1
@@ -73,12 +74,16 @@ Checkpoints, validation, guards
   checkpoint_every: int, 100             steps; 0 = only at the end / on request
   checkpoints_keep: int, 2               older checkpoints are deleted
   resume: bool, true                     continue from <output_dir>/checkpoints/latest.json if present
+                                         (refused if the config changed outside
+                                         checkpoint.RESUME_HARMLESS); false: start over, an
+                                         earlier checkpoints/ folder is renamed aside
   validation_every: int, 0               steps; 0 = off (needs validation_prompts)
   validation_seed: int, 1234
   gaming_guard: "warn" | "stop" | "off", "warn"
   gaming_patience: int, 2                consecutive validations with the training reward up and
                                          a held-out reward or motion down before warn/stop
-  ema_last_checkpoints: int, 0           >1: also export the average of the last N checkpoint LoRAs
+  ema_last_checkpoints: int, 0           >1: also export the exact average of the last N checkpoint
+                                         LoRAs (not an EMA: one LoRA of rank N x lora_rank)
   sample_every: int, 0                   steps; save the decoded training frames as PNG (0 = off)
   preflight: bool, true                  check GPUs and memory before loading models
 """
