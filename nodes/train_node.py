@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import folder_paths
@@ -19,7 +18,8 @@ from ..training.safe_io import UserFileError, write_text
 from ..training.trainer.config import ConfigError, config_from_dict, dump_config
 from ..training.trainer.curves import final_scores_text, plot_training_curve
 from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, TrainerProcess, build_command, build_env,
-                                         failure_message, parse_devices)
+                                         check_publish_target, failure_message, parse_devices,
+                                         publish_lora)
 from .folders import REWARD_MODELS
 
 CATEGORY = "Wan Reward LoRA/training"
@@ -104,12 +104,6 @@ def _send(event: dict, node_id, prompt_id) -> None:
     data = {"node": node_id, "prompt_id": prompt_id, "event": event.get("event")}
     data.update({k: event[k] for k in _SENT_FIELDS if k in event})
     PromptServer.instance.send_sync(EVENT, data)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 class WanRewardLoraTrain(io.ComfyNode):
@@ -214,6 +208,10 @@ class WanRewardLoraTrain(io.ComfyNode):
         try:  # the run folder is written only while its lock is held
             run_dir.mkdir(parents=True, exist_ok=True)
             config = cls._config(args, name, run_dir, devices)
+            try:  # before hours of training: the target must be absent or this run's own LoRA
+                check_publish_target(cls._lora_target(name), run_dir, config_from_dict(config).config_hash())
+            except LaunchError as exc:
+                raise TrainInputError(str(exc)) from None
             events = cls._run(config, run_dir, devices, deepspeed)
         finally:
             run_lock.release()
@@ -337,10 +335,15 @@ class WanRewardLoraTrain(io.ComfyNode):
         source = Path(finished.get("lora_path") or run_dir / f"{name}.safetensors")
         if not source.is_file():
             raise RuntimeError(f"the trainer finished but its LoRA {source} is missing; see {run_dir / 'train.log'}")
-        loras = Path(folder_paths.get_folder_paths("loras")[0])
-        loras.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(source, loras / f"{name}.safetensors")
+        try:
+            publish_lora(source, cls._lora_target(name), run_dir)
+        except LaunchError as exc:
+            raise RuntimeError(f"{exc} (the trained LoRA is kept at {source})") from None
         return f"{name}.safetensors"
+
+    @staticmethod
+    def _lora_target(name: str) -> Path:
+        return Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
 
 
 def _current_prompt_id():
