@@ -16,7 +16,7 @@ from comfy_api.latest import io, ui
 
 from ..training.safe_io import UserFileError, write_text
 from ..training.trainer.config import ConfigError, config_from_dict, dump_config
-from ..training.trainer.curves import final_scores_text, plot_training_curve
+from ..training.trainer.curves import final_scores_text, plot_training_curve, run_events
 from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, TrainerProcess, build_command, build_env,
                                          check_publish_target, failure_message, parse_devices,
                                          publish_lora)
@@ -217,8 +217,9 @@ class WanRewardLoraTrain(io.ComfyNode):
             run_lock.release()
             device_lock.release()
         lora_name = cls._publish(run_dir, name, events)
-        curve = plot_training_curve(events)
-        scores = final_scores_text(events)
+        history = run_events(run_dir, events)  # all steps of the run, earlier launches (before a resume) too
+        curve = plot_training_curve(history)
+        scores = final_scores_text(history)
         return io.NodeOutput(lora_name, curve, scores,
                              ui={"text": (scores,), **ui.PreviewImage(curve, cls=cls).as_dict()})
 
@@ -303,18 +304,24 @@ class WanRewardLoraTrain(io.ComfyNode):
         prompt_id = _current_prompt_id()
         process = TrainerProcess(command, build_env(devices, threads=devices.cpu_threads()), run_dir).start()
         bar = comfy.utils.ProgressBar(int(config["max_steps"]), node_id=node_id)
+
+        def report(event: dict) -> None:
+            _send(event, node_id, prompt_id)
+            if event["event"] in ("started", "step") and event.get("max_steps"):
+                bar.update_absolute(int(event.get("step", 0)), int(event["max_steps"]))
+
         try:
             while True:
                 if mm.processing_interrupted():
                     raise mm.InterruptProcessingException()
                 event = process.next_event(timeout=0.5)
-                if event is None:
-                    if process.poll() is not None and process.next_event(0.5) is None:
-                        break
-                    continue
-                _send(event, node_id, prompt_id)
-                if event["event"] in ("started", "step") and event.get("max_steps"):
-                    bar.update_absolute(int(event.get("step", 0)), int(event["max_steps"]))
+                if event is not None:
+                    report(event)
+                elif process.poll() is not None:
+                    process.wait(timeout=30)  # joins the reader: every line of the stream is queued
+                    for event in process.drain():  # the last events, none dropped
+                        report(event)
+                    break
         except BaseException:
             started = any(e.get("event") == "started" for e in process.events)
             # still loading models: nothing to save, so no grace before SIGTERM
@@ -323,6 +330,8 @@ class WanRewardLoraTrain(io.ComfyNode):
                    "to continue from the last checkpoint"}, node_id, prompt_id)
             raise
         code = process.wait(timeout=30)
+        if process.group_alive():  # the launcher exited but left processes: end them
+            process.stop(grace_s=0.0, kill_s=TERM_GRACE_S)
         result = process.result()
         if code != 0 or result.finished is None:
             raise RuntimeError(failure_message(result, visible_gpus=_visible_gpus()))

@@ -416,3 +416,34 @@ def test_publish_refuses_a_lora_this_run_did_not_write(tmp_path):
             launcher.check_publish_target(other, run, "bbbb")  # the node's check before training
         assert other.read_bytes() == before
     launcher.check_publish_target(loras / "absent.safetensors", run, None)
+
+
+def test_last_events_are_all_drained(tmp_path):
+    """A trainer that prints its last events and exits at once: nothing is lost after the exit."""
+    script = tmp_path / "burst.py"
+    script.write_text("import json\nfor i in range(1, 201):\n"
+                      "    print(json.dumps({'event': 'step', 'step': i}))\n"
+                      "print(json.dumps({'event': 'finished', 'step': 200, 'reason': 'completed'}))\n")
+    proc = TrainerProcess([sys.executable, str(script)], build_env(DeviceChoice(1)), tmp_path / "out").start()
+    taken = [proc.next_event(5)]
+    while proc.poll() is None:
+        time.sleep(0.05)
+    proc.wait(timeout=10)
+    taken += proc.drain()
+    assert [e["step"] for e in taken] == list(range(1, 201)) + [200] and taken[-1]["event"] == "finished"
+    assert proc.drain() == []
+
+
+def test_curve_of_a_resumed_run_reads_every_launch(tmp_path):
+    import json as _json
+
+    from training.trainer.curves import run_events, step_series
+
+    lines = [{"event": "started", "step": 0}, {"event": "step", "step": 1, "reward": 9.0}]  # an older run
+    lines += [{"event": "started", "step": 0}] + [{"event": "step", "step": i, "reward": 0.1 * i} for i in (1, 2, 3)]
+    lines += [{"event": "started", "step": 2}] + [{"event": "step", "step": i, "reward": 0.2 * i} for i in (3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(_json.dumps, lines)) + "\nnoise\n")
+    launch = lines[-3:]
+    steps, rewards, _ = step_series(run_events(tmp_path, launch))
+    assert steps == [1, 2, 3, 4] and rewards == [0.1, 0.2, 0.6000000000000001, 0.8]
+    assert run_events(tmp_path / "missing", launch) == launch

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import torch
 
+from .progress import METRICS_FILE, parse_events
+
 REWARD_COLOR = (30, 90, 200)
 LOSS_COLOR = (200, 80, 30)
+
+
+def run_events(run_dir: str | os.PathLike, launch_events: list[dict] | None = None) -> list[dict]:
+    """Every event of the run in ``run_dir`` (its ``metrics.jsonl``), from the last fresh start
+    (a ``started`` at step 0) on, so a resumed run's curve shows all its steps; ``launch_events``
+    (this launch's stream) when the file is missing or unreadable."""
+    try:
+        events = parse_events((Path(run_dir) / METRICS_FILE).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        events = []
+    if not events:
+        return list(launch_events or [])
+    fresh = [i for i, e in enumerate(events) if e.get("event") == "started" and not e.get("step")]
+    return events[fresh[-1]:] if fresh else events
 
 
 def step_series(events: list[dict]) -> tuple[list[int], list[float], list[float]]:

@@ -348,6 +348,15 @@ class TrainerProcess:
         except queue.Empty:
             return None
 
+    def drain(self) -> list[dict]:
+        """The events read but not yet taken by ``next_event`` (after ``wait``: all that are left)."""
+        events = []
+        while True:
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
+                return events
+
     def log_tail(self, lines: int = 30) -> str:
         """The last output lines, without the launcher's own traceback (accelerate/torchrun report a
         failed rank with a long traceback of their own that would hide the trainer's)."""
