@@ -20,7 +20,7 @@ import pytest
 import requests
 from PIL import Image
 
-from test_comfyui_train import train_prompt, write_tiny_models
+from test_comfyui_train import no_prompt_left_running, stop_all_prompts, train_prompt, write_tiny_models  # noqa: F401
 from training.rewards.tiny import write_tiny_hps_checkpoint
 
 pytestmark = pytest.mark.comfyui
@@ -185,7 +185,7 @@ def test_workflow_loads_without_missing_nodes(page, name):
     assert not _our_errors(page.console), page.console
 
 
-def test_chart_appears_when_training_events_arrive(page, comfyui):
+def test_chart_appears_when_training_events_arrive(page, comfyui, no_prompt_left_running):
     write_tiny_models(comfyui)
     workflow = json.loads((WORKFLOWS / "reward_lora_train_and_preview.json").read_text(encoding="utf-8"))
     node_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "WanRewardLoraTrain")
@@ -210,15 +210,47 @@ def test_chart_appears_when_training_events_arrive(page, comfyui):
     time.sleep(1.0)
     shot = page.screenshot(page.shots / "train_chart.png")
     assert shot.stat().st_size > 10_000
-    # the chart canvas really holds drawn pixels (not a blank rectangle)
-    data = page.js("document.querySelector('canvas.wan-reward-train-chart').toDataURL('image/png')")
-    pixels = np.asarray(Image.open(__import__("io").BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB"))
-    blue = ((pixels[..., 2] > 200) & (pixels[..., 0] < 140)).sum()
-    assert blue > 20, "no reward curve drawn"
+    # the reward curve is drawn inside the plot area (the labels above it do not count)
+    assert page.js(CURVE_PIXELS + "(document.querySelector('canvas.wan-reward-train-chart'))") > 20, \
+        "no reward curve drawn"
     assert not _our_errors(page.console), page.console
 
 
-def test_scores_shown_on_score_frames_node(page, comfyui):
+# Blue (#5b9bff) pixels inside the chart's plot area (canvas.dataset.plotBox, CSS px, border excluded).
+CURVE_PIXELS = """((canvas) => {
+    const box = JSON.parse(canvas.dataset.plotBox), r = canvas.width / canvas.clientWidth;
+    const x = Math.ceil((box.x + 2) * r), y = Math.ceil((box.y + 2) * r);
+    const w = Math.floor((box.w - 4) * r), h = Math.floor((box.h - 4) * r);
+    const data = canvas.getContext("2d").getImageData(x, y, w, h).data;
+    let n = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i + 2] > 200 && data[i] < 140) n++;
+    return n;
+})"""
+
+
+def test_curve_pixel_check_can_fail(page):
+    """The measure above on drawChart's own output: 0 with no points (labels alone), many with points."""
+    script = page.js("fetch('/extensions').then(r => r.json())")
+    url = next(s for s in script if s.endswith("/train_progress.js"))
+    counts = page.js(f"""(async () => {{
+        const {{ drawChart }} = await import({json.dumps(url)});
+        const count = {CURVE_PIXELS};
+        const out = [];
+        for (const points of [[], [{{step: 1, reward: 0.1, loss: 1}}, {{step: 2, reward: 0.3, loss: 0.5}},
+                                   {{step: 3, reward: 0.2, loss: 0.4}}]]) {{
+            const canvas = document.createElement("canvas");
+            canvas.style.width = "300px"; canvas.style.height = "180px";
+            document.body.appendChild(canvas);
+            drawChart(canvas, {{points, status: "training", maxSteps: 3, eta: "1s"}});
+            out.push(count(canvas));
+            canvas.remove();
+        }}
+        return out;
+    }})()""")
+    assert counts[0] == 0 and counts[1] > 20, counts
+
+
+def test_scores_shown_on_score_frames_node(page, comfyui, no_prompt_left_running):
     write_tiny_hps_checkpoint(comfyui.model_path("reward_models", "HPS_browser_tiny.safetensors"), seed=1)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(comfyui.input / "browser_frame.png")

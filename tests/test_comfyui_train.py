@@ -38,6 +38,26 @@ def tiny_models(comfyui):
     return write_tiny_models(comfyui)
 
 
+def stop_all_prompts(comfyui, timeout: float = 120) -> None:
+    """Clear the queue, interrupt the running prompt and wait until nothing runs: a failed test must
+    not leave a training running into the next one."""
+    requests.post(f"{comfyui.url}/queue", json={"clear": True}, timeout=10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = comfyui.get("/queue").json()
+        if not queue.get("queue_running") and not queue.get("queue_pending"):
+            return
+        requests.post(f"{comfyui.url}/interrupt", json={}, timeout=10)
+        time.sleep(0.5)
+    raise AssertionError(f"the ComfyUI queue did not empty in {timeout} s after /interrupt\n{comfyui.log_tail(40)}")
+
+
+@pytest.fixture(autouse=True)
+def no_prompt_left_running(comfyui):
+    yield
+    stop_all_prompts(comfyui)
+
+
 def train_prompt(output_name: str, steps: int, checkpoint_every: int = 0, resume: bool = True, **extra) -> dict:
     inputs = dict(
         high_noise_model="tiny_train_high.safetensors", low_noise_model="tiny_train_low.safetensors",

@@ -71,6 +71,7 @@ export function drawChart(canvas, run) {
     drawSeries(ctx, pts, "loss", "#ff9a4d", box);
   }
   canvas.dataset.points = String(pts.length);
+  canvas.dataset.plotBox = JSON.stringify(box); // CSS px: where the curves are drawn (tests measure there)
   canvas.dataset.lastStep = last ? String(last.step) : "";
 }
 
