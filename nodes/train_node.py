@@ -19,7 +19,7 @@ from ..training.trainer.config import ConfigError, config_from_dict, dump_config
 from ..training.trainer.curves import final_scores_text, plot_training_curve, run_events
 from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, TrainerProcess, build_command, build_env,
                                          check_publish_target, failure_message, parse_devices,
-                                         publish_lora)
+                                         publish_lora, run_lock)
 from .folders import REWARD_MODELS
 
 CATEGORY = "Wan Reward LoRA/training"
@@ -194,12 +194,11 @@ class WanRewardLoraTrain(io.ComfyNode):
         run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / name
         owner = f"ComfyUI node {cls.hidden.unique_id}, output {name!r}"
         device_lock = DeviceLock(lock_keys, owner=owner, names=lock_names)
-        # one run per run folder, too (its lock file lives beside the folder)
-        run_lock = DeviceLock([name], owner=owner, folder=run_dir.parent, names={name: f"the run {name!r}"})
+        folder_lock = run_lock(run_dir.parent, name, owner=owner)  # one run per run folder, too
         try:
             device_lock.acquire()
             try:
-                run_lock.acquire()
+                folder_lock.acquire()
             except LaunchError:
                 device_lock.release()
                 raise
@@ -214,7 +213,7 @@ class WanRewardLoraTrain(io.ComfyNode):
                 raise TrainInputError(str(exc)) from None
             events = cls._run(config, run_dir, devices, deepspeed)
         finally:
-            run_lock.release()
+            folder_lock.release()
             device_lock.release()
         lora_name = cls._publish(run_dir, name, events)
         history = run_events(run_dir, events)  # all steps of the run, earlier launches (before a resume) too

@@ -196,11 +196,11 @@ def test_trainer_failure_is_a_node_error_with_log_tail(tiny_models):
 
 
 def test_second_run_into_the_same_folder_is_refused(tiny_models):
-    from training.trainer.launcher import DeviceLock
+    from training.trainer.launcher import run_lock
 
     comfyui = tiny_models
     runs = comfyui.output / "wan_reward_lora"
-    with DeviceLock(["tiny_locked"], owner="another training in this test", folder=runs):
+    with run_lock(runs, "tiny_locked", owner="another training in this test"):
         message = comfyui.run_expecting_error(train_prompt("tiny_locked", steps=1))
     assert "the run 'tiny_locked' is already training (another training in this test" in message, message
     assert not (runs / "tiny_locked").exists()

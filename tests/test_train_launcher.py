@@ -246,15 +246,30 @@ def test_lock_released_when_holder_dies(tmp_path):
 
     code = (f"import sys; sys.path.insert(0, {str(launcher.TRAINING_DIR.parent)!r})\n"
             "from training.trainer.launcher import DeviceLock\n"
-            f"lock = DeviceLock(['cpu'], folder=__import__('pathlib').Path({str(tmp_path)!r})).acquire()\n"
+            f"lock = DeviceLock(['gpu0'], folder=__import__('pathlib').Path({str(tmp_path)!r})).acquire()\n"
             "print('held', flush=True); import time; time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(LaunchError, match="CPU training slot is already training"):
-        DeviceLock(["cpu"], folder=tmp_path).acquire()
+    with pytest.raises(LaunchError, match="GPU 0 is already training"):
+        DeviceLock(["gpu0"], folder=tmp_path).acquire()
     holder.kill()
     holder.wait()
-    DeviceLock(["cpu"], folder=tmp_path).acquire().release()
+    DeviceLock(["gpu0"], folder=tmp_path).acquire().release()
+
+
+def test_run_locks_cannot_collide_with_run_folders(tmp_path):
+    from training.trainer.launcher import run_lock
+
+    runs = tmp_path / "wan_reward_lora"
+    (runs / "x.lock").mkdir(parents=True)  # the run folder of output "x.lock"
+    with run_lock(runs, "x", owner="run x"), run_lock(runs, "x.lock", owner="run x.lock"):
+        with pytest.raises(LaunchError, match="the run 'x' is already training \\(run x pid"):
+            run_lock(runs, "x").acquire()
+    assert (runs / "x.lock").is_dir() and sorted(p.name for p in (runs / ".locks").iterdir()) == ["x.lock", "x.lock.lock"]
+    # a lock folder that cannot be made: a clear error, not a raw OSError
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LaunchError, match="cannot open the lock file .*file/gpu0.lock.*WAN_REWARD_LOCK_DIR"):
+        DeviceLock(["gpu0"], folder=tmp_path / "file").acquire()
 
 
 def test_failure_hints():

@@ -209,13 +209,23 @@ def build_env(devices: DeviceChoice, base: dict | None = None, threads: int | No
 # ---- one run per device set -------------------------------------------------------------
 
 def lock_dir() -> Path:
-    path = Path(os.environ.get("WAN_REWARD_LOCK_DIR") or Path(tempfile.gettempdir()) / "wan_reward_lora_locks")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The folder of the GPU locks (shared by every ComfyUI of the machine); created on acquire."""
+    return Path(os.environ.get("WAN_REWARD_LOCK_DIR") or Path(tempfile.gettempdir()) / "wan_reward_lora_locks")
+
+
+RUN_LOCKS_FOLDER = ".locks"  # in the runs folder: output names start with a letter or digit, so no run is named so
+
+
+def run_lock(runs_folder: str | os.PathLike, name: str, owner: str = "") -> DeviceLock:
+    """The lock of the run folder ``runs_folder/name``: ``runs_folder/.locks/<name>.lock`` (a folder of
+    its own, so no output name, ``x.lock`` included, can collide with a lock file)."""
+    return DeviceLock([name], owner=owner, folder=Path(runs_folder) / RUN_LOCKS_FOLDER,
+                      names={name: f"the run {name!r}"})
 
 
 class DeviceLock:
-    """Exclusive ``flock`` on one file per GPU (or "cpu"); released on close or process death."""
+    """Exclusive ``flock`` on one file per key (a physical GPU, a run) in ``folder``; released on
+    close or process death."""
 
     def __init__(self, keys: list[str], owner: str = "", folder: Path | None = None,
                  names: dict[str, str] | None = None):
@@ -226,10 +236,15 @@ class DeviceLock:
         self._handles: list = []
 
     def acquire(self) -> "DeviceLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
         for key in self.keys:
             path = self.folder / f"{key}.lock"
-            handle = open(path, "a+", encoding="utf-8")
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "a+", encoding="utf-8")
+            except OSError as exc:
+                self.release()
+                raise LaunchError(f"cannot open the lock file {path} ({exc.strerror or exc}); make that folder "
+                                  "writable, or set WAN_REWARD_LOCK_DIR to a writable folder for GPU locks") from None
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -237,8 +252,7 @@ class DeviceLock:
                 holder = handle.read().strip() or "another run"
                 handle.close()
                 self.release()
-                what = self.names.get(key) or (f"GPU {key[3:]}" if key.startswith("gpu") else
-                                               "the CPU training slot" if key == "cpu" else key)
+                what = self.names.get(key) or (f"GPU {key[3:]}" if key.startswith("gpu") else key)
                 raise LaunchError(f"{what} is already training ({holder}); wait for that run to finish, "
                                   "cancel it, or choose other GPUs") from None
             handle.seek(0)
