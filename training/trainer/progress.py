@@ -103,8 +103,25 @@ def parse_events(text: str) -> list[dict]:
     return [e for e in map(parse_event, text.splitlines()) if e is not None]
 
 
+PARENT_PID_ENV = "WAN_REWARD_PARENT_PID"
+
+
+def parent_gone() -> bool:
+    """True when the process named in WAN_REWARD_PARENT_PID (the ComfyUI that launched us) has exited."""
+    value = os.environ.get(PARENT_PID_ENV)
+    if not value:
+        return False
+    try:
+        os.kill(int(value), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
 class Control:
-    """Stop / save-now / sample-now requests from flag files and SIGTERM/SIGINT."""
+    """Stop / save-now / sample-now requests from flag files, SIGTERM/SIGINT and a vanished parent."""
 
     def __init__(self, output_dir: str | os.PathLike, read_files: bool = True):
         self.dir = Path(output_dir)
@@ -130,6 +147,8 @@ class Control:
         requests = {"stop": self.signalled, "save_now": False, "sample_now": False}
         if not self.read_files:
             return requests
+        if parent_gone():  # ComfyUI was killed: save and stop rather than train on as an orphan
+            requests["stop"] = True
         for key, name in (("stop", STOP_FILE), ("save_now", SAVE_NOW_FILE), ("sample_now", SAMPLE_NOW_FILE)):
             path = self.dir / name
             if path.exists():
