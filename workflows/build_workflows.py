@@ -10,9 +10,11 @@ The JSON files are committed; tests/test_workflows.py checks them against /objec
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 PACK = "wan-reward-lora"
@@ -251,52 +253,64 @@ def decode_and_save(g: Graph, x: int, y: int, samples, vae, prefix: str):
 
 # ---- the workflows ----------------------------------------------------------------------------
 
-def fun_inp(info: dict) -> dict:
-    g = Graph(info, "Wan2.2-Fun-A14B-InP + HPS2.1 reward LoRAs")
+class VideoWorkflow(NamedTuple):
+    """One of the reward-LoRA video workflows: image- (Fun InP) or text-to-video, optionally with the
+    lightx2v 4-step LoRAs under the reward LoRAs, and its sampling settings."""
+
+    title: str
+    high: str  # MODELS keys of the experts
+    low: str
+    prefix: str  # SaveVideo filename prefix
+    image_to_video: bool = False
+    lightx2v: bool = False
+    shift: float = 8.0
+    steps: int = 20
+    cfg: float = 3.5
+    split: int = 10
+
+
+def reward_lora_video(info: dict, spec: VideoWorkflow) -> dict:
+    g = Graph(info, spec.title)
     clip, pos, neg, vae = text_and_vae(g, 0, 0)
-    uh, ul = experts(g, 0, 420, "inp_high", "inp_low")
-    loras = reward_loras(g, 360, 420, (uh, 0), (ul, 0))
-    start = g.node("LoadImage", (0, 700), {"image": "example.png", "upload": "image"}, title="Start image")
-    inp = g.node("WanFunInpaintToVideo", (800, 0), {"width": 640, "height": 640, "length": 81, "batch_size": 1})
-    g.link(pos, 0, inp, "positive")
-    g.link(neg, 0, inp, "negative")
-    g.link(vae, 0, inp, "vae")
-    g.link(start, 0, inp, "start_image")
-    out = two_samplers(g, 800, 420, (loras, 0), (loras, 1), (inp, 0), (inp, 1), (inp, 2),
-                       shift=8.0, steps=20, cfg=3.5, split=10, control="randomize")
-    decode_and_save(g, 1760, 420, out, vae, "video/wan22_fun_inp_reward_lora")
+    uh, ul = experts(g, 0, 420, spec.high, spec.low)
+    if spec.lightx2v:  # reward LoRAs stacked on the lightx2v 4-step distill LoRAs
+        lh = g.node("LoraLoaderModelOnly", (360, 420), {"lora_name": MODELS["lightx2v_high"][0],
+                    "strength_model": 1.0}, title="lightx2v 4-step (high)", models=["lightx2v_high"])
+        ll = g.node("LoraLoaderModelOnly", (360, 560), {"lora_name": MODELS["lightx2v_low"][0],
+                    "strength_model": 1.0}, title="lightx2v 4-step (low)", models=["lightx2v_low"])
+        g.link(uh, 0, lh, "model")
+        g.link(ul, 0, ll, "model")
+        loras = reward_loras(g, 360, 720, (lh, 0), (ll, 0), 0.5, 0.5, title="Reward LoRAs on top (HPS2.1)")
+    else:
+        loras = reward_loras(g, 360, 420, (uh, 0), (ul, 0))
+    if spec.image_to_video:
+        start = g.node("LoadImage", (0, 700), {"image": "example.png", "upload": "image"}, title="Start image")
+        inp = g.node("WanFunInpaintToVideo", (800, 0), {"width": 640, "height": 640, "length": 81, "batch_size": 1})
+        g.link(pos, 0, inp, "positive")
+        g.link(neg, 0, inp, "negative")
+        g.link(vae, 0, inp, "vae")
+        g.link(start, 0, inp, "start_image")
+        positive, negative, latent = (inp, 0), (inp, 1), (inp, 2)
+    else:
+        empty = g.node("EmptyHunyuanLatentVideo", (800, 0), {"width": 640, "height": 640, "length": 81,
+                                                               "batch_size": 1})
+        positive, negative, latent = (pos, 0), (neg, 0), (empty, 0)
+    out = two_samplers(g, 800, 420, (loras, 0), (loras, 1), positive, negative, latent, shift=spec.shift,
+                       steps=spec.steps, cfg=spec.cfg, split=spec.split, control="randomize")
+    decode_and_save(g, 1760, 420, out, vae, spec.prefix)
     return g.to_json()
 
 
-def t2v(info: dict) -> dict:
-    g = Graph(info, "Wan2.2 T2V A14B + HPS2.1 reward LoRAs")
-    clip, pos, neg, vae = text_and_vae(g, 0, 0)
-    uh, ul = experts(g, 0, 420, "t2v_high", "t2v_low")
-    loras = reward_loras(g, 360, 420, (uh, 0), (ul, 0))
-    latent = g.node("EmptyHunyuanLatentVideo", (800, 0), {"width": 640, "height": 640, "length": 81, "batch_size": 1})
-    out = two_samplers(g, 800, 420, (loras, 0), (loras, 1), (pos, 0), (neg, 0), (latent, 0),
-                       shift=8.0, steps=20, cfg=3.5, split=10, control="randomize")
-    decode_and_save(g, 1760, 420, out, vae, "video/wan22_t2v_reward_lora")
-    return g.to_json()
-
-
-def t2v_lightx2v(info: dict) -> dict:
-    """Reward LoRAs stacked on the lightx2v 4-step distill LoRAs (4 steps, cfg 1, split 2/2)."""
-    g = Graph(info, "Wan2.2 T2V A14B: lightx2v 4-step + HPS2.1 reward LoRAs stacked")
-    clip, pos, neg, vae = text_and_vae(g, 0, 0)
-    uh, ul = experts(g, 0, 420, "t2v_high", "t2v_low")
-    lh = g.node("LoraLoaderModelOnly", (360, 420), {"lora_name": MODELS["lightx2v_high"][0], "strength_model": 1.0},
-                title="lightx2v 4-step (high)", models=["lightx2v_high"])
-    ll = g.node("LoraLoaderModelOnly", (360, 560), {"lora_name": MODELS["lightx2v_low"][0], "strength_model": 1.0},
-                title="lightx2v 4-step (low)", models=["lightx2v_low"])
-    g.link(uh, 0, lh, "model")
-    g.link(ul, 0, ll, "model")
-    loras = reward_loras(g, 360, 720, (lh, 0), (ll, 0), 0.5, 0.5, title="Reward LoRAs on top (HPS2.1)")
-    latent = g.node("EmptyHunyuanLatentVideo", (800, 0), {"width": 640, "height": 640, "length": 81, "batch_size": 1})
-    out = two_samplers(g, 800, 420, (loras, 0), (loras, 1), (pos, 0), (neg, 0), (latent, 0),
-                       shift=5.0, steps=4, cfg=1.0, split=2, control="randomize")
-    decode_and_save(g, 1760, 420, out, vae, "video/wan22_t2v_lightx2v_reward_lora")
-    return g.to_json()
+VIDEO_WORKFLOWS = {
+    "wan22_fun_inp_reward_lora.json": VideoWorkflow(
+        "Wan2.2-Fun-A14B-InP + HPS2.1 reward LoRAs", "inp_high", "inp_low", "video/wan22_fun_inp_reward_lora",
+        image_to_video=True),
+    "wan22_t2v_reward_lora.json": VideoWorkflow(
+        "Wan2.2 T2V A14B + HPS2.1 reward LoRAs", "t2v_high", "t2v_low", "video/wan22_t2v_reward_lora"),
+    "wan22_t2v_lightx2v_reward_lora_stack.json": VideoWorkflow(
+        "Wan2.2 T2V A14B: lightx2v 4-step + HPS2.1 reward LoRAs stacked", "t2v_high", "t2v_low",
+        "video/wan22_t2v_lightx2v_reward_lora", lightx2v=True, shift=5.0, steps=4, cfg=1.0, split=2),
+}
 
 
 def _scores(g: Graph, x: int, y: int, frames, hps, mps, prompt: str, title: str):
@@ -440,9 +454,7 @@ def train_then_preview(info: dict) -> dict:
 
 
 WORKFLOWS = {
-    "wan22_fun_inp_reward_lora.json": fun_inp,
-    "wan22_t2v_reward_lora.json": t2v,
-    "wan22_t2v_lightx2v_reward_lora_stack.json": t2v_lightx2v,
+    **{name: functools.partial(reward_lora_video, spec=spec) for name, spec in VIDEO_WORKFLOWS.items()},
     "reward_lora_score_and_compare.json": score_and_compare,
     "reward_lora_train_and_preview.json": train_then_preview,
 }
