@@ -231,3 +231,17 @@ def test_prompts_encoded_with_comfyui_umt5_clip(tiny_models):
     assert torch.allclose(mine, cond[: mine.shape[0]], atol=1e-5)
     assert float(cond[mine.shape[0]:].abs().max()) == 0.0  # nothing but padding was cut
     assert float(mine[-1].abs().max()) > 0  # the end token is kept
+
+
+def test_existing_lora_of_another_origin_is_refused_before_training(tiny_models):
+    from safetensors.torch import save_file
+
+    comfyui = tiny_models
+    taken = comfyui.model_path("loras", "tiny_taken.safetensors")
+    save_file({"w": torch.zeros(2)}, str(taken), metadata={"ss_network_module": "networks.lora"})
+    before = taken.read_bytes()
+    message = comfyui.run_expecting_error(train_prompt("tiny_taken", steps=1))
+    assert "tiny_taken.safetensors already exists and is a file this run did not write" in message, message
+    assert "choose another output_name" in message
+    assert taken.read_bytes() == before
+    assert not _events(comfyui, "tiny_taken"), "the training started although its LoRA could not be published"
