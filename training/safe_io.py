@@ -149,19 +149,27 @@ def file_format(path: str | os.PathLike) -> str:
     return "unknown"
 
 
-def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, what: str, *, hint: str = "",
+                    read_pickle: Callable[[Path, str], object] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a weights-only torch file (``{'state_dict': ...}``
-    unwrapped); the format is read from the first bytes. ``what`` names the file in errors
-    (e.g. "Wan expert"). Raises UserFileError naming the file and what is wrong."""
+    unwrapped); the format is read from the first bytes, not the suffix. ``what`` names the
+    file in errors (e.g. "Wan expert"), ``hint`` is appended to them (where to get the file),
+    and ``read_pickle(path, kind)`` replaces the weights-only pickle reader. Raises
+    UserFileError naming the file and what is wrong."""
     path = Path(path)
+    tail = f"\n{hint}" if hint else ""
     if not path.is_file():
-        raise UserFileError(f"{what} not found: {path}" + (" (a folder, not a file)" if path.is_dir() else ""))
+        where = "a folder, not a file" if path.is_dir() else "no such file"
+        raise UserFileError(f"{what} not found: {path} ({where}){tail}")
     kind = file_format(path)
     if kind == "empty":
-        raise UserFileError(f"{what} {path} is empty (0 bytes): the download or copy did not finish")
+        raise UserFileError(f"{what} {path} is empty (0 bytes): the download or copy did not finish; "
+                            f"download it again{tail}")
     if kind == "unknown":
-        raise UserFileError(f"{what} {path} is neither a safetensors file nor a PyTorch checkpoint "
-                            "(a damaged download or the wrong file)")
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+        raise UserFileError(f"{what} {path} is neither a safetensors file nor a PyTorch checkpoint (it starts "
+                            f"with {head!r}): a damaged download or the wrong file{tail}")
     if kind == "safetensors":
         from safetensors.torch import load_file
 
@@ -170,7 +178,7 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
         except Exception as exc:  # SafetensorError / OSError
             raise UserFileError(f"{what} {path} is a corrupt or truncated safetensors file: "
                                 f"{str(exc)[:200]}; download it again") from exc
-    data = load_torch_weights_only(path, what)
+    data = read_pickle(path, kind) if read_pickle else load_torch_weights_only(path, what)
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import UserFileError, file_format
+from .. import safe_io
+from ..safe_io import UserFileError
 from .base import RewardModel
 
 EXPECTED_FILES = (
@@ -62,41 +63,10 @@ def _read_torch_pickle(path: Path, kind: str):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file or a weights-only torch pickle (``{'state_dict': ...}`` unwrapped).
-
-    The format is read from the file's first bytes (not its suffix) and parsed once.
-    """
-    path = Path(path)
-    if not path.is_file():
-        where = "it is a folder, not a file" if path.is_dir() else "no such file"
-        raise UserFileError(f"reward model checkpoint not found: {path} ({where}).\n{EXPECTED_FILES}")
-    kind = file_format(path)
-    if kind == "empty":
-        raise UserFileError(f"{path.name} is empty (0 bytes): the download or copy did not finish; download it again")
-    if kind == "unknown":
-        with open(path, "rb") as handle:
-            head = handle.read(12)
-        raise UserFileError(
-            f"{path.name} is neither a safetensors file nor a PyTorch checkpoint (it starts with {head!r}): a "
-            f"damaged download or not a reward model.\n{EXPECTED_FILES}")
-    if kind == "safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:
-            raise _corrupt(path, "safetensors file", exc) from exc
-    data = _read_torch_pickle(path, kind)
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-    if not isinstance(data, dict) or not data:
-        raise UserFileError(f"{path.name} holds {type(data).__name__}, not a state dict of tensors")
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if len(tensors) != len(data):
-        other = sorted(k for k in data if k not in tensors)[:5]
-        raise UserFileError(f"{path.name} is not a plain state dict: entries {other} are not tensors")
-    return tensors
+    """Tensors of a reward checkpoint: safetensors, a weights-only torch pickle, or the official
+    MPS whole-module pickle (read without running its code)."""
+    return safe_io.read_state_dict(path, "reward model checkpoint", hint=EXPECTED_FILES,
+                                   read_pickle=_read_torch_pickle)
 
 
 def _strip_prefixes(state_dict: dict) -> dict:
