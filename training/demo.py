@@ -11,6 +11,8 @@ that the written LoRA loads onto the expert with zero unmatched keys.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ def write_tiny_run(folder: str | Path, **overrides) -> Path:
     from .tiny_models import random_prompt_embeddings, tiny_vae_state_dict, tiny_wan_state_dict
     from .trainer.models import write_prompt_embeddings
 
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the config resolves relative paths against its own folder
     models = folder / "models"
     models.mkdir(parents=True, exist_ok=True)
     files = {"high": models / "wan2.2_tiny_high_noise.safetensors", "low": models / "wan2.2_tiny_low_noise.safetensors",
@@ -85,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building tiny models in {args.out}/models ...", flush=True)
     config_path = write_tiny_run(args.out, max_steps=args.steps, resume=False)
     cfg = load_config(config_path)
-    import shutil
-
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # the demo's own output folder: start fresh
     capture = io.StringIO()
     print(f"training {cfg.max_steps} steps of the low-noise expert's LoRA (HPS reward, MPS held out) ...", flush=True)
@@ -96,14 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             capture.write(text)
             for line in text.splitlines():
                 if '"event": "step"' in line:
-                    import json
-
                     e = json.loads(line)
                     print(f"  step {e['step']:3d}/{e['max_steps']}  reward {e['reward']:.4f}  loss {e['loss']:.4f}  "
                           f"{e['seconds']:.2f}s", flush=True)
                 elif '"event": "validation"' in line:
-                    import json
-
                     e = json.loads(line)
                     print(f"  validation at {e['step']}: {e['rewards']} held-out {e['held_out']}", flush=True)
             return len(text)
