@@ -20,7 +20,7 @@ import pytest
 import requests
 from PIL import Image
 
-from test_comfyui_train import no_prompt_left_running, stop_all_prompts, train_prompt, write_tiny_models  # noqa: F401
+from test_comfyui_train import no_prompt_left_running, train_prompt, write_tiny_models  # noqa: F401 (autouse)
 from training.rewards.tiny import write_tiny_hps_checkpoint
 
 pytestmark = pytest.mark.comfyui
@@ -185,7 +185,7 @@ def test_workflow_loads_without_missing_nodes(page, name):
     assert not _our_errors(page.console), page.console
 
 
-def test_chart_appears_when_training_events_arrive(page, comfyui, no_prompt_left_running):
+def test_chart_appears_when_training_events_arrive(page, comfyui):
     write_tiny_models(comfyui)
     workflow = json.loads((WORKFLOWS / "reward_lora_train_and_preview.json").read_text(encoding="utf-8"))
     node_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "WanRewardLoraTrain")
@@ -250,7 +250,7 @@ def test_curve_pixel_check_can_fail(page):
     assert counts[0] == 0 and counts[1] > 20, counts
 
 
-def test_scores_shown_on_score_frames_node(page, comfyui, no_prompt_left_running):
+def test_scores_shown_on_score_frames_node(page, comfyui):
     write_tiny_hps_checkpoint(comfyui.model_path("reward_models", "HPS_browser_tiny.safetensors"), seed=1)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(comfyui.input / "browser_frame.png")

@@ -327,7 +327,7 @@ class TrainerProcess:
         self.process = subprocess.Popen(
             self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, text=True, encoding="utf-8", errors="replace",
-            bufsize=1, preexec_fn=_die_with_parent(os.getpid()),
+            bufsize=1, preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 (only prctl + getppid run in it)
         )
         try:
             self._tree[self.process.pid] = psutil.Process(self.process.pid)
@@ -524,12 +524,12 @@ PUBLISHED_FILE = "published.json"  # in the run folder: config hashes of the LoR
 
 def lora_metadata(path: str | os.PathLike) -> dict[str, str] | None:
     """The safetensors header metadata of ``path``, or None when it is not a readable safetensors file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
-    except Exception:  # not safetensors / truncated: certainly not one of ours
+    except (OSError, SafetensorError):  # not safetensors / truncated: certainly not one of ours
         return None
 
 
