@@ -39,9 +39,7 @@ from pathlib import Path
 import psutil
 
 from ..safe_io import atomic_write, write_json
-from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, STOP_FILE, parse_event
-
-PARENT_PID_ENV = "WAN_REWARD_PARENT_PID"  # the caller's pid: the trainer may stop when it disappears
+from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, PARENT_PID_ENV, STOP_FILE, parse_event
 
 TRAINING_DIR = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPT = TRAINING_DIR / "train_reward_lora.py"
