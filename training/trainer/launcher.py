@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 
 from ..safe_io import atomic_write, write_json
-from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, PARENT_PID_ENV, STOP_FILE, parse_event
+from .progress import EXIT_CONFIG, EXIT_PREFLIGHT, PARENT_PID_ENV, STOP_FILE, TRAINER_TAG, parse_event
 
 TRAINING_DIR = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPT = TRAINING_DIR / "train_reward_lora.py"
@@ -516,7 +516,6 @@ def _die_with_parent(parent_pid: int):
 
 # ---- publishing the LoRA ---------------------------------------------------------------------
 
-TRAINER_TAG = "wan-reward-lora reward backprop"  # the "trainer" metadata of the LoRAs the trainer writes
 PUBLISHED_FILE = "published.json"  # in the run folder: config hashes of the LoRAs it published
 
 

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, dump_config, read_prompt_file
 from .lora import add_lora, lora_parameters, lora_state, native_modules, target_modules
-from .progress import EXIT_OK, Control, Progress
+from .progress import EXIT_OK, TRAINER_TAG, Control, Progress
 from .sampler import CFGDenoiser, backprop_window, make_schedule, sample
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -510,7 +510,7 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
                                                            else cfg.low_noise_model).name,
                 "expert": cfg.expert, "rewards": json.dumps({s.name: s.weight for s in cfg.rewards}),
                 "rank": str(cfg.lora_rank), "alpha": str(cfg.lora_alpha), "config_hash": cfg.config_hash(),
-                "trainer": "wan-reward-lora reward backprop"}
+                "trainer": TRAINER_TAG}
 
     def write_lora(path: Path, step: int):
         state = lora_state(model)  # collective under ZeRO-3: every rank must call it

@@ -104,6 +104,9 @@ def parse_events(text: str) -> list[dict]:
 
 
 PARENT_PID_ENV = "WAN_REWARD_PARENT_PID"
+TRAINER_TAG = "wan-reward-lora reward backprop"  # the "trainer" metadata of every LoRA we write
+# A stop sends SIGTERM from both the launcher and torch's agent: signals this close count as one.
+SIGNAL_REPEAT_WINDOW_S = 2.0
 
 
 def parent_gone() -> bool:
@@ -127,12 +130,15 @@ class Control:
         self.dir = Path(output_dir)
         self.read_files = read_files  # rank 0 only: the flags are consumed once, then shared
         self.signalled = False
+        self.signalled_at = 0.0
 
     def install_signal_handlers(self) -> None:
         def handler(signum, frame):
-            if self.signalled:  # second signal: give up at once
-                raise KeyboardInterrupt
-            self.signalled = True
+            now = time.monotonic()
+            if self.signalled and now - self.signalled_at > SIGNAL_REPEAT_WINDOW_S:
+                raise KeyboardInterrupt  # a second, separate signal: give up at once
+            if not self.signalled:
+                self.signalled, self.signalled_at = True, now
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
