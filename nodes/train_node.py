@@ -69,9 +69,9 @@ def reward_kind(path: str) -> str:
         return "mps"
     if "hps" in lowered and "mps" not in lowered:
         return "hps"
-    from ..training.rewards.registry import _strip_prefixes, detect_kind, read_state_dict
+    from ..training.rewards.registry import checkpoint_kind
 
-    return detect_kind(_strip_prefixes(read_state_dict(path)))
+    return checkpoint_kind(path)
 
 
 def prompt_lines(text: str) -> list[str]:

@@ -195,3 +195,13 @@ def test_motion_score_measures_change():
     moving = still.clone()
     moving[2:] = 1 - moving[2:]
     assert motion_score(moving) > 5.0
+
+
+def test_checkpoint_kind_reads_only_the_header(tmp_path):
+    from training.rewards.registry import checkpoint_kind
+    from training.rewards.tiny import write_tiny_hps_checkpoint, write_tiny_mps_checkpoint
+
+    hps, mps = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_tiny_hps_checkpoint(hps)
+    write_tiny_mps_checkpoint(mps)
+    assert checkpoint_kind(hps) == "hps" and checkpoint_kind(mps) == "mps"

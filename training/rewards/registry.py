@@ -117,6 +117,19 @@ def detect_kind(state_dict) -> str:
     )
 
 
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """'hps' or 'mps' from a checkpoint's keys; a safetensors file is judged by its header alone."""
+    path = Path(path)
+    if path.is_file() and safe_io.file_format(path) == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            keys = dict.fromkeys(handle.keys())
+    else:
+        keys = read_state_dict(path)
+    return detect_kind(_strip_prefixes(keys))
+
+
 def load_strict(module: torch.nn.Module, state_dict, what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names the missing/unexpected keys."""
     result = module.load_state_dict(state_dict, strict=False)
