@@ -206,21 +206,16 @@ def test_stream_and_graceful_stop(fake):
     assert not _alive(child) and not proc.group_alive()
 
 
-def test_stop_terminates_group_when_stop_file_ignored(fake):
-    proc = fake("ignore_stop")
+@pytest.mark.parametrize("mode, grace_s, kill_s, expected, limit_s", [
+    ("ignore_stop", 0.5, 1, -signal.SIGTERM, 5),  # STOP file ignored: SIGTERM ends it
+    ("ignore_all", 0.3, 0.5, -signal.SIGKILL, 8),  # SIGTERM ignored too: SIGKILL ends it
+])
+def test_stop_escalates_until_the_whole_tree_is_gone(fake, mode, grace_s, kill_s, expected, limit_s):
+    proc = fake(mode)
     child = int((proc.output_dir / "child.pid").read_text())
     t0 = time.monotonic()
-    code = proc.stop(grace_s=0.5, kill_s=1)
-    assert code == -signal.SIGTERM and time.monotonic() - t0 < 5
-    assert not _alive(child) and not proc.group_alive()
-
-
-def test_stop_kills_group_that_ignores_sigterm(fake):
-    proc = fake("ignore_all")
-    child = int((proc.output_dir / "child.pid").read_text())
-    t0 = time.monotonic()
-    code = proc.stop(grace_s=0.3, kill_s=0.5)
-    assert code == -signal.SIGKILL and time.monotonic() - t0 < 8
+    code = proc.stop(grace_s=grace_s, kill_s=kill_s)
+    assert code == expected and time.monotonic() - t0 < limit_s
     assert not _alive(child) and not proc.group_alive()
 
 
