@@ -18,17 +18,27 @@ PACK = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """Real tiny model files (the config check reads their contents) under the names good() uses."""
+    from training.demo import write_tiny_run
+
     folder = tmp_path_factory.mktemp("cfg")
-    names = ["high.safetensors", "low.safetensors", "vae.safetensors", "emb.safetensors", "hps.pt", "mps.pth"]
-    for name in names:
-        (folder / name).write_bytes(b"x")
+    write_tiny_run(folder)
+    models = folder / "models"
+    for source, name in (("wan2.2_tiny_high_noise.safetensors", "high.safetensors"),
+                         ("wan2.2_tiny_low_noise.safetensors", "low.safetensors"),
+                         ("wan_2.1_vae_tiny.safetensors", "vae.safetensors"),
+                         ("prompt_embeddings.safetensors", "emb.safetensors"),
+                         ("HPS_v2.1_tiny.safetensors", "hps.pt"), ("MPS_tiny.safetensors", "mps.pth")):
+        (models / source).rename(folder / name)
     return folder
 
 
 def good(folder: Path) -> dict:
+    from training.demo import PROMPTS
+
     return dict(high_noise_model=str(folder / "high.safetensors"), low_noise_model=str(folder / "low.safetensors"),
                 vae=str(folder / "vae.safetensors"), prompt_embeddings=str(folder / "emb.safetensors"),
-                prompts=["a cat"], rewards=[{"model": "hps", "path": str(folder / "hps.pt")}],
+                prompts=PROMPTS[:1], rewards=[{"model": "hps", "path": str(folder / "hps.pt")}],
                 output_dir=str(folder / "out"))
 
 
@@ -64,7 +74,7 @@ BAD = [
     ("mixed_precision", {"mixed_precision": "fp8"}),
     ("lr_scheduler", {"lr_scheduler": "exotic"}),
     ("prompt_embeddings", {"prompt_embeddings": None}),
-    ("tokenizer", {"prompt_embeddings": None, "text_encoder": "high.safetensors"}),
+    ("text_encoder", {"prompt_embeddings": None, "text_encoder": "high.safetensors"}),
     ("prompts", {"prompts": ["  "]}),
     ("validation_prompts", {"validation_every": 10}),
     ("ema_last_checkpoints", {"ema_last_checkpoints": 5, "checkpoints_keep": 2}),

@@ -386,12 +386,6 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
                 raise ConfigError(name, f"file not found: {value}")
         if cfg.tokenizer and not os.path.isdir(cfg.tokenizer):
             raise ConfigError("tokenizer", f"folder not found: {cfg.tokenizer}")
-        if cfg.text_encoder and not cfg.tokenizer:
-            from .models import encoder_has_tokenizer
-
-            if not encoder_has_tokenizer(cfg.text_encoder):
-                raise ConfigError("tokenizer", f"{cfg.text_encoder} has no embedded tokenizer (ComfyUI's umt5 files "
-                                  "do): give the folder of the google/umt5-xxl tokenizer")
     if cfg.prompts is not None and cfg.prompts_file:
         raise ConfigError("prompts_file", "give either prompts or prompts_file, not both")
     if cfg.prompts is not None and not [p for p in cfg.prompts if p.strip()]:
@@ -490,6 +484,10 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
         raise ConfigError("gaming_guard", f"must be one of {', '.join(GAMING_GUARDS)}, got {cfg.gaming_guard!r}")
     if cfg.gaming_patience < 1:
         raise ConfigError("gaming_patience", f"must be >= 1, got {cfg.gaming_patience}")
+    if check_files:  # last: the values are sound, now the files' contents
+        from .input_files import check_input_files
+
+        check_input_files(cfg)
 
 
 def load_config(path: str | os.PathLike, check_files: bool = True) -> TrainConfig:

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, dump_config, read_prompt_file
 from .lora import add_lora, lora_parameters, lora_state, native_modules, target_modules
-from .progress import EXIT_OK, TRAINER_TAG, Control, Progress
+from .progress import EXIT_ERROR, EXIT_OK, TRAINER_TAG, Control, Progress
 from .sampler import CFGDenoiser, backprop_window, make_schedule, sample
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -144,29 +144,6 @@ def load_embeddings(cfg: TrainConfig, prompts: list[str], device) -> dict[str, t
         return encode_prompts_umt5(prompts, cfg.text_encoder, cfg.tokenizer, device, DTYPES[cfg.mixed_precision])
 
 
-def check_stack(cfg: TrainConfig, experts: dict, embeddings: dict) -> None:
-    """Before training: both experts take the same input (16 T2V or 36 InP channels) and read
-    text embeddings of the width the prompts have."""
-    width = next(iter(embeddings.values())).shape[-1]
-    channels = {}
-    for name in ("high", "low"):
-        field_name = f"{name}_noise_model"
-        config = getattr(experts[name], "module", experts[name]).config
-        channels[name] = config.in_channels
-        if config.in_channels not in (16, 36):
-            raise ConfigError(field_name, f"{getattr(cfg, field_name)} has {config.in_channels} input channels; "
-                              "supported: 16 (T2V) and 36 (I2V/Fun-InP)")
-        if config.text_dim != width:
-            source = "prompt_embeddings" if cfg.prompt_embeddings else "text_encoder"
-            raise ConfigError(field_name, f"{getattr(cfg, field_name)} reads text embeddings of width "
-                              f"{config.text_dim} but {source} ({getattr(cfg, source)}) gives {width}; "
-                              "use the umt5-xxl encoder (4096) or embeddings computed with it")
-    if channels["high"] != channels["low"]:
-        raise ConfigError("low_noise_model", f"the high-noise expert has {channels['high']} input channels and the "
-                          f"low-noise one {channels['low']}: both files must be the same model family "
-                          "(both T2V or both I2V/Fun-InP)")
-
-
 def adapt(cfg: TrainConfig, model) -> list[str]:
     """Inject the LoRA; a target list that selects nothing (or an entry that matches no
     module) is a config error naming lora_targets."""
@@ -205,6 +182,36 @@ def load_rewards(specs, device, dtype, field_name: str):
 
 
 # ---- one step ------------------------------------------------------------------------
+
+def step_rng(seed: int, step: int, micro: int, rank: int) -> random.Random:
+    """The random draws (prompts, noise seed) of one micro-step of one rank: derived, never saved."""
+    return random.Random(f"{seed}-{step}-{micro}-{rank}")
+
+
+class StepFault(RuntimeError):
+    """A fault on one or more ranks that every rank knows of (raised on all ranks together)."""
+
+
+def agree_on_fault(local: str | None, accelerator, world: int) -> str | None:
+    """Collective: every rank learns whether any rank faulted, and what each said. Called by every
+    rank at the same point, before the next collective a faulted rank would not reach."""
+    if world == 1:
+        return f"rank 0: {local}" if local else None
+    flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+    if float(accelerator.reduce(flag, reduction="sum").item()) == 0:
+        return None
+    messages: list = [None] * world
+    torch.distributed.all_gather_object(messages, local)
+    return "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
+
+
+def guarded(compute):
+    """Run ``compute()``; an exception becomes a fault text (the rank carries on to agree with the others)."""
+    try:
+        return compute(), None
+    except Exception as exc:  # every fault of a step: the ranks must stop together, not hang
+        return None, f"{type(exc).__name__}: {exc}"
+
 
 class RewardTrainer:
     """Holds the model stack and computes the reward loss of one micro-step."""
@@ -262,7 +269,7 @@ class RewardTrainer:
 
     def step_inputs(self, step: int, micro: int) -> tuple[list[str], torch.Generator, tuple[int, int]]:
         cfg = self.cfg
-        rng = random.Random(f"{cfg.seed}-{step}-{micro}-{self.rank}")
+        rng = step_rng(cfg.seed, step, micro, self.rank)
         prompts = [rng.choice(self.train_prompts) for _ in range(cfg.batch_size)]
         generator = torch.Generator().manual_seed(rng.randrange(2 ** 62))
         # the window is the same on every rank (ZeRO-3 needs the same forwards everywhere)
@@ -274,9 +281,17 @@ class RewardTrainer:
         prompts, generator, window = self.step_inputs(step, micro)
         latents = self.trajectory(prompts, generator, window)
         frames = self.frames(latents)
+        if not bool(torch.isfinite(frames).all()):
+            raise FloatingPointError(f"the decoded frames of prompt(s) {prompts} hold NaN or inf values (the LoRA "
+                                     "diverged, or an input such as a prompt embedding is not finite)")
         scores = self.score(frames, prompts, self.rewards)
+        bad = [name for name, value in scores.items() if not bool(torch.isfinite(value).all())]
+        if bad:
+            raise FloatingPointError(f"reward {bad[0]} is not finite for prompt(s) {prompts}")
         total_weight = sum(spec.weight for spec, _ in self.rewards)
         loss = sum(spec.weight * (1 - scores[spec.name]).mean() for spec, _ in self.rewards) / total_weight
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"the loss is {float(loss)} for prompt(s) {prompts}")
         weighted = sum(spec.weight * scores[spec.name].detach().mean() for spec, _ in self.rewards) / total_weight
         return loss, float(weighted), {k: float(v.detach().mean()) for k, v in scores.items()}, frames.detach()
 
@@ -320,13 +335,15 @@ class GamingGuard:
 
 
 def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, rank: int = 0, world: int = 1,
-             reduce_sum=lambda t: t) -> dict:
+             reduce_sum=lambda t: t, agree=lambda fault: fault) -> dict:
     """Score held-out prompts (no gradients): training rewards, held-out rewards, motion.
 
     Prompt i uses noise seed ``seed + i``. With several processes, rank r scores prompts
     r, r + world, ...; every rank runs the same number of trajectories (under ZeRO-3 each
     forward is a collective), a rank short of prompts repeats one and does not count it.
-    ``reduce_sum`` sums a tensor over ranks; every rank gets the same means.
+    ``reduce_sum`` sums a tensor over ranks; every rank gets the same means. A rank whose
+    scoring fails goes on with the trajectories; ``agree`` (``agree_on_fault``) then tells every
+    rank, and all raise ``StepFault`` together.
     """
     from ..rewards import motion_score
     from .models import decode_latents
@@ -337,6 +354,7 @@ def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, ra
     sums = torch.zeros(3 + len(names) + len(held_names), dtype=torch.float64)
     mine = list(range(rank, len(prompts), world))
     rounds = -(-len(prompts) // world)
+    fault = None
     with torch.no_grad():
         for n in range(rounds):
             counted = n < len(mine)
@@ -344,11 +362,15 @@ def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, ra
             generator = torch.Generator().manual_seed(seed + i)
             latents = trainer.trajectory([prompts[i]], generator, None)
             video = decode_latents(trainer.vae, latents)  # once: the reward frames are its first ones
-            if not counted:
+            if not counted or fault:
                 continue
             first = trainer.reward_frames(video)
-            scores = trainer.score(first, [prompts[i]], trainer.rewards)
-            held = trainer.score(first, [prompts[i]], held_out)
+            result, fault = guarded(lambda: (trainer.score(first, [prompts[i]], trainer.rewards),
+                                             trainer.score(first, [prompts[i]], held_out)))
+            if fault:
+                fault = f"validation of prompt {prompts[i]!r}: {fault}"
+                continue
+            scores, held = result
             sums[0] += 1
             if video.shape[2] > 1:
                 sums[1] += float(motion_score(video.permute(0, 2, 1, 3, 4)[0]))
@@ -357,6 +379,9 @@ def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, ra
                 sums[3 + k] += float(scores[name])
             for k, name in enumerate(held_names):
                 sums[3 + len(names) + k] += float(held[name])
+    agreed = agree(fault)
+    if agreed:
+        raise StepFault(agreed)
     sums = reduce_sum(sums)
     count = float(sums[0])
     return {"rewards": {name: float(sums[3 + k]) / count for k, name in enumerate(names)},
@@ -479,7 +504,6 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
         for name in ("high", "low"):
             with file_field(f"{name}_noise_model"):
                 experts[name] = load_wan_expert(getattr(cfg, f"{name}_noise_model"), dtype)
-        check_stack(cfg, experts, embeddings)
         trained = experts[cfg.expert]
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same on every rank
         adapted = adapt(cfg, trained)
@@ -579,12 +603,27 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
             return tensor
         return accelerator.reduce(tensor.float().to(device), reduction="sum").cpu().double()
 
+    def stop_on_fault(fault: str, step: int) -> int:
+        """Every rank got here together: save the last good step (when it is new), tell once, exit."""
+        if step > start:
+            checkpoint(step, "fault")
+            kept = f"the last good step ({step}) is saved: checkpoint and LoRA {cfg.lora_path}"
+        elif start:
+            kept = f"no new step to save: the checkpoint of step {start} is kept"
+        else:
+            kept = "no step had completed, so nothing was saved"
+        progress.emit("error", kind="runtime", field=None, step=step,
+                      message=f"training stopped on every rank: {fault}. {kept}; fix the cause and start the run "
+                              "again with resume on to continue from the last checkpoint")
+        return EXIT_ERROR
+
     criterion_name = selection_criterion(cfg)
 
     def run_validation(step: int) -> bool:
         """Validate, keep the best LoRA by the criterion; True if the guard tripped. The
         decisions are rank 0's, broadcast, so every rank gathers the LoRA together."""
-        result = validate(trainer, held_out, val_prompts, cfg.validation_seed, rank, world, reduce_sum)
+        result = validate(trainer, held_out, val_prompts, cfg.validation_seed, rank, world, reduce_sum,
+                          lambda fault: agree_on_fault(fault, accelerator, world))
         train_val = sum(result["rewards"].values()) / len(result["rewards"])
         held = sum(result["held_out"].values()) / len(result["held_out"]) if result["held_out"] else None
         criterion = held if held is not None else train_val
@@ -607,70 +646,77 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
             progress.emit("warning", step=step, message=warning)
         return tripped
 
-    if cfg.validation_every and val_prompts and start == 0:
-        run_validation(0)  # the base model's scores: the guard's reference and the first best candidate
-    sample_next = False
-    reason = "completed"
     step = start
-    started = time.time()
-    while step < cfg.max_steps:
-        t0 = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        losses, rewards_mean, per_reward = [], [], {}
-        grad_norm = None
-        for micro in range(cfg.gradient_accumulation_steps):
-            with accelerator.accumulate(model):
-                loss, weighted, scores, frames = trainer.loss(step, micro)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if not use_ds and cfg.max_grad_norm > 0:
-                        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            rewards_mean.append(weighted)
-            for k, v in scores.items():
-                per_reward.setdefault(k, []).append(v)
-            del loss
-        if use_ds:
-            norm = model.get_global_grad_norm()
-            grad_norm = None if norm is None else float(norm)
-        scheduler.step()
-        step += 1
-        if sample_next or (cfg.sample_every and step % cfg.sample_every == 0):
-            if accelerator.is_main_process:
-                progress.emit("sample", step=step, paths=_save_pngs(frames, output / "samples", step))
-            sample_next = False
-        del frames
-        metrics = torch.tensor([sum(losses) / len(losses), sum(rewards_mean) / len(rewards_mean)]
-                               + [sum(v) / len(v) for v in per_reward.values()], device=device)
-        metrics = accelerator.reduce(metrics, reduction="mean").cpu() if world > 1 else metrics.cpu()
-        seconds = time.time() - t0
-        done = step - start
-        progress.emit("step", step=step, max_steps=cfg.max_steps, loss=float(metrics[0]), reward=float(metrics[1]),
-                      rewards={k: float(metrics[2 + i]) for i, k in enumerate(per_reward)},
-                      lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=round(seconds, 4),
-                      peak_memory_mb=round(_peak_memory_mb(device), 1),
-                      eta_seconds=round((time.time() - started) / done * (cfg.max_steps - step), 1))
+    try:
+        if cfg.validation_every and val_prompts and start == 0:
+            run_validation(0)  # the base model's scores: the guard's reference and the first best candidate
+        sample_next = False
+        reason = "completed"
+        started = time.time()
+        while step < cfg.max_steps:
+            t0 = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            losses, rewards_mean, per_reward = [], [], {}
+            grad_norm = None
+            for micro in range(cfg.gradient_accumulation_steps):
+                with accelerator.accumulate(model):
+                    result, fault = guarded(lambda: trainer.loss(step, micro))
+                    fault = agree_on_fault(fault, accelerator, world)  # before the backward's collectives
+                    if fault:
+                        raise StepFault(f"step {step + 1}: {fault}")
+                    loss, weighted, scores, frames = result
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if not use_ds and cfg.max_grad_norm > 0:
+                            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                rewards_mean.append(weighted)
+                for k, v in scores.items():
+                    per_reward.setdefault(k, []).append(v)
+                del loss
+            if use_ds:
+                norm = model.get_global_grad_norm()
+                grad_norm = None if norm is None else float(norm)
+            scheduler.step()
+            step += 1
+            if sample_next or (cfg.sample_every and step % cfg.sample_every == 0):
+                if accelerator.is_main_process:
+                    progress.emit("sample", step=step, paths=_save_pngs(frames, output / "samples", step))
+                sample_next = False
+            del frames
+            metrics = torch.tensor([sum(losses) / len(losses), sum(rewards_mean) / len(rewards_mean)]
+                                   + [sum(v) / len(v) for v in per_reward.values()], device=device)
+            metrics = accelerator.reduce(metrics, reduction="mean").cpu() if world > 1 else metrics.cpu()
+            seconds = time.time() - t0
+            done = step - start
+            progress.emit("step", step=step, max_steps=cfg.max_steps, loss=float(metrics[0]), reward=float(metrics[1]),
+                          rewards={k: float(metrics[2 + i]) for i, k in enumerate(per_reward)},
+                          lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=round(seconds, 4),
+                          peak_memory_mb=round(_peak_memory_mb(device), 1),
+                          eta_seconds=round((time.time() - started) / done * (cfg.max_steps - step), 1))
 
-        if cfg.validation_every and step % cfg.validation_every == 0 and val_prompts:
-            if run_validation(step) and cfg.gaming_guard == "stop":
-                reason = "gaming_guard"
+            if cfg.validation_every and step % cfg.validation_every == 0 and val_prompts:
+                if run_validation(step) and cfg.gaming_guard == "stop":
+                    reason = "gaming_guard"
 
-        requests = agreed(control.poll())
-        if requests["sample_now"]:
-            sample_next = True
-        if requests["stop"] or reason == "gaming_guard":
-            checkpoint(step, "stop" if reason != "gaming_guard" else "gaming_guard")
-            reason = reason if reason == "gaming_guard" else "stopped"
-            break
-        if requests["save_now"]:
-            checkpoint(step, "save_now")
-        elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            checkpoint(step, "periodic")
-    else:
-        checkpoint(step, "final")
+            requests = agreed(control.poll())
+            if requests["sample_now"]:
+                sample_next = True
+            if requests["stop"] or reason == "gaming_guard":
+                checkpoint(step, "stop" if reason != "gaming_guard" else "gaming_guard")
+                reason = reason if reason == "gaming_guard" else "stopped"
+                break
+            if requests["save_now"]:
+                checkpoint(step, "save_now")
+            elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(step, "periodic")
+        else:
+            checkpoint(step, "final")
+    except StepFault as fault:
+        return stop_on_fault(str(fault), step)
 
     average_path = None
     if cfg.ema_last_checkpoints > 1 and accelerator.is_main_process:

@@ -177,19 +177,6 @@ def read_prompt_embeddings(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {p: tensors[f"emb.{i}"] for i, p in enumerate(prompts)}
 
 
-def encoder_has_tokenizer(path: str | os.PathLike) -> bool:
-    """ComfyUI's umt5 files carry their sentencepiece model as a ``spiece_model`` tensor."""
-    if not str(path).endswith((".safetensors", ".sft")):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            return "spiece_model" in handle.keys()
-    except Exception:
-        return False
-
-
 def _tokenize(prompt: str, spiece, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """ids and mask [1, TEXT_LEN]: the prompt's pieces, then </s> (id 1), padded with 0."""
     if spiece is not None:
