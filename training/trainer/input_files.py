@@ -9,7 +9,7 @@ naming the config field, the file, what was found and what to do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..safe_io import TensorIndex, UserFileError, tensor_index
 from .config import ConfigError, TrainConfig
@@ -27,6 +27,12 @@ class ExpertShape:
     dim: int
     num_layers: int
     text_dim: int
+    tensors: dict = field(default_factory=dict, compare=False, repr=False)  # native key -> TensorInfo
+
+    @property
+    def linear_modules(self) -> list[str]:
+        """Native paths of the Linear layers (every 2-D ``.weight`` of a Wan transformer)."""
+        return [k[: -len(".weight")] for k, v in self.tensors.items() if k.endswith(".weight") and len(v.shape) == 2]
 
 
 def _index(field_name: str, path: str, what: str, **kwargs) -> TensorIndex:
@@ -74,7 +80,7 @@ def expert_shape(field_name: str, path: str) -> ExpertShape:
                           "Conv3d of a Wan video transformer; choose a Wan2.2 A14B expert")
     layers = 1 + max(int(k.split(".")[1]) for k in native if k.startswith("blocks.") and k.split(".")[1].isdigit())
     shape = ExpertShape(in_channels=patch[1], dim=patch[0], num_layers=layers,
-                        text_dim=native["text_embedding.0.weight"].shape[1])
+                        text_dim=native["text_embedding.0.weight"].shape[1], tensors=native)
     if shape.in_channels not in EXPERT_CHANNELS:
         raise ConfigError(field_name, f"{path} has {shape.in_channels} input channels; supported: 16 (T2V) and "
                           "36 (I2V / Fun-InP). Wan2.2 TI2V-5B and other variants cannot be trained here")
@@ -90,8 +96,9 @@ def check_experts(cfg: TrainConfig, text_dim: int | None) -> dict[str, ExpertSha
     high, low = shapes["high"], shapes["low"]
     if (high.in_channels, high.dim) != (low.in_channels, low.dim):
         raise ConfigError("low_noise_model", f"the high-noise expert {cfg.high_noise_model} is "
-                          f"{EXPERT_CHANNELS[high.in_channels]} of width {high.dim} and the low-noise expert "
-                          f"{cfg.low_noise_model} {EXPERT_CHANNELS[low.in_channels]} of width {low.dim}: both "
+                          f"{EXPERT_CHANNELS[high.in_channels]} ({high.in_channels} input channels) of width "
+                          f"{high.dim} and the low-noise expert {cfg.low_noise_model} "
+                          f"{EXPERT_CHANNELS[low.in_channels]} ({low.in_channels} input channels) of width {low.dim}: both "
                           "must be the two experts of one model (both T2V or both I2V / Fun-InP, same size)")
     if text_dim is not None:
         for name, shape in shapes.items():
@@ -170,6 +177,73 @@ def check_rewards(cfg: TrainConfig) -> None:
                                   "(judged from its keys); fix model or path")
 
 
+def check_lora_for(field_name: str, path: str, expert: ExpertShape, expert_name: str):
+    """A LoRA of plain up/down pairs whose every module fits ``expert`` (names and shapes)."""
+    from ..lora_format import match_lora, read_lora
+
+    try:
+        lora = read_lora(path)
+        modules = lora.as_modules()
+    except UserFileError as exc:
+        raise ConfigError(field_name, str(exc)) from None
+    report = match_lora(lora, expert.tensors, expert=expert_name)
+    if report.shape_mismatches or report.unmatched or not report.matched:
+        problem = (f"shape mismatch {report.shape_mismatches[0]}" if report.shape_mismatches else
+                   f"{len(report.unmatched)} keys match no module of the expert, e.g. {list(report.unmatched)[:3]}"
+                   if report.unmatched else "no module matches")
+        raise ConfigError(field_name, f"{path} does not fit the {expert_name}-noise expert ({problem}); it is a "
+                          "LoRA for another model: choose a Wan2.2 A14B LoRA of this expert")
+    return modules
+
+
+def check_init_lora(cfg: TrainConfig, expert: ExpertShape) -> tuple[int, float]:
+    """The initial LoRA's (rank, alpha) after checking it can start this run: one rank, equal to
+    lora_rank, and exactly the run's target modules."""
+    from .lora import select_targets
+
+    modules = check_lora_for("init_lora", cfg.init_lora, expert, cfg.expert)
+    ranks = {down.shape[0] for _, down, _ in modules.values()}
+    alphas = {alpha if alpha is not None else float(down.shape[0]) for _, down, alpha in modules.values()}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ConfigError("init_lora", f"{cfg.init_lora} mixes ranks {sorted(ranks)} / alphas {sorted(alphas)}; "
+                          "training continues a LoRA of one rank and alpha")
+    rank, alpha = ranks.pop(), alphas.pop()
+    if rank != cfg.lora_rank:
+        raise ConfigError("lora_rank", f"is {cfg.lora_rank} but init_lora {cfg.init_lora} has rank {rank}: set "
+                          f"lora_rank to {rank} (a LoRA continues at its own rank)")
+    targets = set(select_targets(expert.linear_modules, cfg.lora_targets, cfg.lora_exclude))
+    missing, extra = sorted(targets - set(modules)), sorted(set(modules) - targets)
+    if missing:
+        raise ConfigError("init_lora", f"{cfg.init_lora} lacks {len(missing)} of the run's target modules "
+                          f"(lora_targets={cfg.lora_targets!r}, lora_exclude={cfg.lora_exclude!r}), e.g. "
+                          f"{missing[:4]}; set lora_targets / lora_exclude to the file's modules")
+    if extra:
+        raise ConfigError("init_lora", f"{cfg.init_lora} has {len(extra)} modules the run would not train, e.g. "
+                          f"{extra[:4]}; widen lora_targets or drop those names from lora_exclude")
+    return rank, alpha
+
+
+def check_start_images(cfg: TrainConfig, expert: ExpertShape) -> None:
+    """Start images exist only for I2V / Fun-InP experts, and validation then has its own."""
+    from .conditioning import read_start_images
+
+    for name in ("start_images", "validation_start_images"):
+        path = getattr(cfg, name)
+        if not path:
+            continue
+        if expert.in_channels != 36:
+            raise ConfigError(name, f"the experts are {EXPERT_CHANNELS[expert.in_channels]} (16 input channels): "
+                              "start images condition I2V / Fun-InP experts (36 channels) only; drop them")
+        try:
+            read_start_images(path, count_only=True)
+        except UserFileError as exc:
+            raise ConfigError(name, str(exc)) from None
+    if cfg.start_images and cfg.validation_every and not cfg.validation_start_images:
+        raise ConfigError("validation_start_images", "is empty but start_images are set and validation runs: give "
+                          "held-out start images for the validation prompts (validation never scores training "
+                          "images)")
+
+
 def check_input_files(cfg: TrainConfig) -> dict[str, ExpertShape]:
     """Check every model file of ``cfg`` from its contents; returns the experts' shapes."""
     text_dim = check_prompt_embeddings(cfg) if cfg.prompt_embeddings else None
@@ -178,4 +252,10 @@ def check_input_files(cfg: TrainConfig) -> dict[str, ExpertShape]:
     shapes = check_experts(cfg, text_dim)
     check_vae(cfg)
     check_rewards(cfg)
+    if cfg.init_lora:
+        check_init_lora(cfg, shapes[cfg.expert])
+    if cfg.frozen_expert_lora:
+        other = "low" if cfg.expert == "high" else "high"
+        check_lora_for("frozen_expert_lora", cfg.frozen_expert_lora, shapes[other], other)
+    check_start_images(cfg, shapes["low"])
     return shapes

@@ -26,7 +26,7 @@ appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`
   sample      step, paths (PNG files of the decoded training frames)
   warning     step, message (e.g. reward gaming suspected)
   finished    step, reason (completed|stopped|gaming_guard), lora_path, best_lora_path
-              (or null), ema_lora_path (or null)
+              (or null), average_lora_path (or null)
   error       message, kind (config|preflight|runtime), field (config field or null); a fault in a
               training step (every rank stops together) also step: the last good step, saved first
   checked     config_hash (only with --check-only: config and machine are fine, nothing loaded)
