@@ -156,6 +156,19 @@ def test_bad_inputs_are_node_errors(tiny_models):
     assert "8 GPU(s) requested but only 0 GPU(s) are visible" in message
     message = comfyui.run_expecting_error(train_prompt("tiny_bad", steps=1, prompt_embeddings="../../etc/passwd"))
     assert "inside ComfyUI's input folder" in message
+    # the recipe's batch of 8 cannot be formed from 3 processes
+    message = comfyui.run_expecting_error(train_prompt("tiny_bad", steps=1, gpus="cpu:3", gradient_accumulation=0))
+    assert "input 'gradient_accumulation'" in message and "batch of 8" in message, message
+    # a held-out reward with no validation prompts
+    graph = train_prompt("tiny_bad", steps=1)
+    graph["1"]["inputs"]["options"] = ["2", 0]
+    graph["2"] = {"class_type": "WanRewardLoraTrainOptions", "inputs": {
+        "validation_prompts": "", "validation_every": 2, "held_out_reward": "MPS_train_tiny.safetensors",
+        "held_out_variant": "recipe", "held_out_reward_2": "none", "gaming_guard": "warn", "gaming_patience": 2,
+        "sample_every": 0, "average_last_checkpoints": 0, "motion_weight": 0.0}}
+    message = comfyui.run_expecting_error(graph)
+    assert "input 'options: validation_prompts'" in message and "held_out_rewards" in message, message
+    assert not any(n.startswith("tiny_bad") for n in comfyui.get("/models/loras").json())
 
 
 def test_cancel_stops_every_process_and_resume_continues(tiny_models):
