@@ -42,10 +42,17 @@ def test_neither_hps_nor_mps_names_what_it_found(tmp_path):
         load_reward_model(path)
 
 
-def test_hf_clip_without_cross_model_is_explained(tmp_path):
+def test_hf_clip_without_cross_model_is_pickscore(tmp_path):
+    """A whole transformers CLIPModel is PickScore's layout (MPS has its cross model besides)."""
     state = {k[len("model."):]: v for k, v in tiny_mps_state_dict().items() if k.startswith("model.")}
     path = save_safetensors(state, tmp_path / "clip.safetensors")
-    with pytest.raises(UserFileError, match="transformers CLIPModel without the MPS cross model"):
+    assert load_reward_model(path).name == "pickscore"
+
+
+def test_part_of_an_hf_clip_is_explained_and_the_file_named(tmp_path):
+    state = {k[len("model."):]: v for k, v in tiny_mps_state_dict().items() if k.startswith("model.vision_model.")}
+    path = save_safetensors(state, tmp_path / "clip_vision.safetensors")
+    with pytest.raises(UserFileError, match=r"^clip_vision\.safetensors: not an HPS.*part of a transformers CLIP model"):
         load_reward_model(path)
 
 

@@ -78,17 +78,24 @@ def resize_long_side_and_pad(frames: torch.Tensor, size: int = 224) -> torch.Ten
     return frames
 
 
-def resize_short_side_and_crop(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """CLIPImageProcessor (transformers 4.27, MPS reference): short side to ``size`` (long side
-    floored), then centre crop with ``top = (H - size) // 2``. Tensor bicubic with antialias
-    approximates the reference's PIL resize (mean difference about 0.3/255)."""
+def resize_short_side_and_crop(frames: torch.Tensor, size: int = 224, crop_top: str = "floor") -> torch.Tensor:
+    """Short side to ``size`` (long side floored), then a centre crop: CLIPImageProcessor
+    (transformers; MPS and PickScore) puts the crop at ``(H - size) // 2`` (``crop_top="floor"``),
+    torchvision's CenterCrop (OpenAI CLIP; the aesthetic predictor) at ``round((H - size) / 2)``
+    (``crop_top="round"``). Tensor bicubic with antialias approximates the references' PIL
+    resize (mean difference about 0.3/255)."""
     height, width = frames.shape[-2:]
     if height <= width:
         new = (size, int(size * width / height))
     else:
         new = (int(size * height / width), size)
     frames = _bicubic(frames, new)
-    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    if crop_top == "floor":
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    elif crop_top == "round":
+        top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    else:
+        raise ValueError(f"crop_top must be 'floor' or 'round', got {crop_top!r}")
     return frames[..., top:top + size, left:left + size]
 
 

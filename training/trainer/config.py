@@ -27,7 +27,7 @@ Prompts
   validation_prompts: list[str], []      held-out prompts (never trained on)
   validation_prompts_file: path | null
 Rewards
-  rewards: list !                        [{model: hps|mps, path: file, weight: 1.0, variant: str|null,
+  rewards: list !                        [{model: hps|mps|pickscore|aesthetic, path: file, weight: 1.0, variant: str|null,
                                            preprocess: reference|squash|null}]
                                          variant: MPS "official" (default) or "seed"; preprocess: the
                                          reward model's own ("reference", default) or the seed's
@@ -100,7 +100,7 @@ from typing import Any
 
 import yaml
 
-REWARD_MODELS = ("hps", "mps")
+REWARD_MODELS = ("hps", "mps", "pickscore", "aesthetic")
 EXPERTS = ("high", "low")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("bf16", "fp16", "no")
