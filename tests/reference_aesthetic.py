@@ -28,10 +28,10 @@ def import_clip():
     if importlib.util.find_spec("clip") is None:
         pytest.skip("openai-clip not installed: python -m pip install --no-deps -r tests/requirements-reference.txt")
     try:
-        import pkg_resources  # noqa: F401  (clip 1.0.1 imports it for a version check only)
+        import pkg_resources
     except ImportError:  # setuptools >= 81 has no pkg_resources: give clip the one name it uses
         import packaging
-        import packaging.version  # noqa: F401
+        import packaging.version
 
         sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
     import clip

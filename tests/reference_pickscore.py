@@ -20,9 +20,13 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def laion_image_processor():
     try:
-        from transformers import CLIPImageProcessorPil as Processor  # transformers 5: the PIL backend
+        from transformers import (
+            CLIPImageProcessorPil as Processor,  # transformers 5: the PIL backend
+        )
     except ImportError:
-        from transformers import CLIPImageProcessor as Processor  # transformers 4: PIL already
+        from transformers import (
+            CLIPImageProcessor as Processor,  # transformers 4: PIL already
+        )
     return Processor(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
                      crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
                      do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)

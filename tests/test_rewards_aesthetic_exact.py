@@ -8,12 +8,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_aesthetic import (
+    ReferenceMLP,
+    import_clip,
+    openai_vision_to_transformers,
+    reference_scores,
+)
 
-from reference_aesthetic import ReferenceMLP, import_clip, openai_vision_to_transformers, reference_scores
 from training.rewards import load_reward_model
 from training.rewards.aesthetic import AestheticMLP
-from training.rewards.convert_aesthetic import join_aesthetic, main as convert_main
-from training.rewards.hf_clip import OPENAI_VIT_L_14_VISION_CONFIG, build_hf_clip_vision, infer_vision_config
+from training.rewards.convert_aesthetic import join_aesthetic
+from training.rewards.convert_aesthetic import main as convert_main
+from training.rewards.hf_clip import (
+    OPENAI_VIT_L_14_VISION_CONFIG,
+    build_hf_clip_vision,
+    infer_vision_config,
+)
 from training.safe_io import UserFileError, save_safetensors, torch_save
 
 TINY_OPENAI = dict(embed_dim=64, image_resolution=224, vision_layers=2, vision_width=128, vision_patch_size=32,

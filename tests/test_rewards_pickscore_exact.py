@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_pickscore import reference_pixels, reference_scores
 from safetensors.torch import load_file
 
-from reference_pickscore import reference_pixels, reference_scores
 from training.rewards import load_reward_model
-from training.rewards.hf_clip import LAION_VIT_H_14_CLIP_CONFIG, build_hf_clip, infer_clip_config
+from training.rewards.hf_clip import (
+    LAION_VIT_H_14_CLIP_CONFIG,
+    build_hf_clip,
+    infer_clip_config,
+)
 from training.rewards.tiny import TINY_PICKSCORE_CONFIG, write_tiny_pickscore_checkpoint
 
 PROMPTS = ["A red fox running through fresh snow at sunrise", "two hands holding a glowing lantern, 35mm photo"]

@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from test_trainer_options import _train
+
 from training.demo import write_tiny_run
-from training.rewards.tiny import write_tiny_aesthetic_checkpoint, write_tiny_pickscore_checkpoint
+from training.rewards.tiny import (
+    write_tiny_aesthetic_checkpoint,
+    write_tiny_pickscore_checkpoint,
+)
 from training.trainer.config import load_config
 
 

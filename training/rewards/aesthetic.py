@@ -19,8 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RewardModel
-from .hf_clip import (OPENAI_VIT_L_14_VISION_CONFIG, build_hf_clip_vision, drop_position_ids, fill_position_ids,
-                      image_embeds, infer_vision_config)
+from .hf_clip import (
+    OPENAI_VIT_L_14_VISION_CONFIG,
+    build_hf_clip_vision,
+    drop_position_ids,
+    fill_position_ids,
+    image_embeds,
+    infer_vision_config,
+)
 from .preprocess import normalize, resize_short_side_and_crop, rgb, squash
 
 MLP_PREFIX = "mlp."

@@ -14,7 +14,12 @@ import torch
 
 from .base import RewardModel
 from .cross_model import CrossModel
-from .hf_clip import LAION_VIT_H_14_CLIP_CONFIG, build_hf_clip, fill_position_ids, infer_clip_config  # noqa: F401
+from .hf_clip import (
+    LAION_VIT_H_14_CLIP_CONFIG,
+    build_hf_clip,
+    fill_position_ids,
+    infer_clip_config,
+)
 from .preprocess import normalize, resize_short_side_and_crop, rgb, squash
 from .shapes import count_blocks
 from .tokenizers import mps_tokenize

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from .base import RewardModel
-from .hf_clip import build_hf_clip, drop_position_ids, fill_position_ids, image_embeds, infer_clip_config, text_embeds
+from .hf_clip import (
+    build_hf_clip,
+    drop_position_ids,
+    fill_position_ids,
+    image_embeds,
+    infer_clip_config,
+    text_embeds,
+)
 from .preprocess import normalize, resize_short_side_and_crop, rgb, squash
 from .tokenizers import laion_tokenize
 
