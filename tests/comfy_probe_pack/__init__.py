@@ -89,6 +89,50 @@ class ProbeSaveConditioning:
         return {"ui": {"text": [path]}}
 
 
+class ProbeMakeImage:
+    """An IMAGE batch no core node makes: ``channels`` channels, or a NaN in frame ``nan_frame`` (-1: none)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"frames": ("INT", {"default": 2, "min": 0}), "channels": ("INT", {"default": 3, "min": 1}),
+                             "nan_frame": ("INT", {"default": -1, "min": -1})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, frames, channels, nan_frame):
+        import torch
+
+        images = torch.rand(frames, 32, 32, channels, generator=torch.Generator().manual_seed(0))
+        if 0 <= nan_frame < frames:
+            images[nan_frame, 0, 0, 0] = float("nan")
+        return (images,)
+
+
+class ProbeSaveLatent:
+    """Writes a LATENT's samples (and its batch_index, in the metadata) to the output folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "filename": ("STRING", {"default": "latent"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, samples, filename):
+        import json
+
+        path = os.path.join(folder_paths.get_output_directory(), os.path.basename(filename) + ".safetensors")
+        save_file({"samples": samples["samples"].float().contiguous()}, path,
+                  metadata={"batch_index": json.dumps(samples.get("batch_index"))})
+        return {"ui": {"text": [path]}}
+
+
 NODE_CLASS_MAPPINGS = {"ProbeSaveModelWeights": ProbeSaveModelWeights,
                        "ProbeTinyUMT5Clip": ProbeTinyUMT5Clip,
-                       "ProbeSaveConditioning": ProbeSaveConditioning}
+                       "ProbeSaveConditioning": ProbeSaveConditioning,
+                       "ProbeMakeImage": ProbeMakeImage,
+                       "ProbeSaveLatent": ProbeSaveLatent}
