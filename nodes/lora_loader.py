@@ -119,6 +119,21 @@ def _block_strengths_input(expert: str) -> io.String.Input:
                 f"(40 for A14B); and/or one preset: {', '.join(PRESETS)}")
 
 
+def check_widget_texts(strengths: dict, texts: dict) -> bool | str:
+    """``validate_inputs`` of the LoRA nodes: True, or the message naming the first bad input.
+    ``strengths``: name -> value; ``texts``: name -> (value, checker). None: linked, checked when it runs."""
+    try:
+        for name, value in strengths.items():
+            if value is not None:
+                check_strength(value, name)
+        for name, (value, check) in texts.items():
+            if isinstance(value, str):
+                check(value, name)
+    except LoraInputError as exc:
+        return str(exc)
+    return True
+
+
 def _strength_input(expert: str) -> io.Float.Input:
     return io.Float.Input(
         f"strength_{expert}", default=0.5, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
@@ -160,17 +175,9 @@ class WanRewardDualLoraLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, strength_high=None, strength_low=None, block_strengths_high=None,
                         block_strengths_low=None) -> bool | str:
-        try:
-            for name, value in (("strength_high", strength_high), ("strength_low", strength_low)):
-                if value is not None:  # None: linked from another node, checked when it runs
-                    check_strength(value, name)
-            for name, value in (("block_strengths_high", block_strengths_high),
-                                ("block_strengths_low", block_strengths_low)):
-                if isinstance(value, str):
-                    check_block_strengths_text(value, name)
-        except LoraInputError as exc:
-            return str(exc)
-        return True
+        return check_widget_texts({"strength_high": strength_high, "strength_low": strength_low},
+                                  {"block_strengths_high": (block_strengths_high, check_block_strengths_text),
+                                   "block_strengths_low": (block_strengths_low, check_block_strengths_text)})
 
     @classmethod
     def fingerprint_inputs(cls, lora_high=None, lora_low=None, **_) -> tuple:

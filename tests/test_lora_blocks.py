@@ -51,8 +51,8 @@ def test_block_count_from_model_keys():
 
 @pytest.mark.parametrize("text, message", [
     ("0-40:1", r"block 40 in '0-40:1' is beyond the model's 40 blocks \(0-39\)"),
-    ("0-9:nan", r"nan must be a finite number"),
-    ("0-9:inf", r"must be a finite number"),
+    ("0-9:nan", r"nan is not a finite number"),
+    ("0-9:inf", r"is not a finite number"),
     ("3-1:1", r"range '3-1:1' ends before it starts"),
     ("0-9:x", r"'x' is not a number"),
     ("attention", r"'attention' is neither a range .* a preset \(all, attention_only"),
@@ -60,7 +60,7 @@ def test_block_count_from_model_keys():
     ("1, 2, 3", r"3 numbers, but the model has 40 blocks"),
     ("attention_only, ffn_only", r"at most one preset"),
     ("0-9:0.5, 2", r"the plain number '2' mixed with ranges"),
-    ("0:11", r"between -10 and 10"),
+    ("0:11", r"11 is outside -10 to 10"),
 ])
 def test_invalid_text_names_the_input_and_the_text(text, message):
     with pytest.raises(LoraInputError, match=rf"^block_strengths_low = {text!r}: .*{message}".replace("[", r"\[")):

@@ -36,14 +36,16 @@ _BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _ITEM = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?\s*:\s*(\S+)$")
 
 
-def _number(text: str, value: str, what: str) -> float:
+def parse_number(where: str, value: str, what: str, limit: float | None = STRENGTH_LIMIT) -> float:
+    """``value`` as a finite float (within +-``limit``), or LoraInputError starting with ``where``."""
     try:
         number = float(value)
     except ValueError:
-        raise LoraInputError(f"{text}: {what} {value!r} is not a number") from None
-    if not math.isfinite(number) or abs(number) > STRENGTH_LIMIT:
-        raise LoraInputError(f"{text}: {what} {value} must be a finite number between {-STRENGTH_LIMIT:g} and "
-                             f"{STRENGTH_LIMIT:g}")
+        raise LoraInputError(f"{where}: {what} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise LoraInputError(f"{where}: {what} {value} is not a finite number")
+    if limit is not None and abs(number) > limit:
+        raise LoraInputError(f"{where}: {what} {value} is outside {-limit:g} to {limit:g}")
     return number
 
 
@@ -111,7 +113,7 @@ def parse_block_strengths(text: str | None, block_count: int | None,
                              f"({', '.join(PRESETS)}) nor a number")
     numbers = [item for item in items if is_number(item)]
     if numbers and len(numbers) == len(items):
-        values = tuple(_number(where, item, "strength") for item in items)
+        values = tuple(parse_number(where, item, "strength") for item in items)
         if block_count is not None and len(values) != block_count:
             raise LoraInputError(f"{where}: {len(values)} numbers, but the model has {block_count} blocks: give one "
                                  f"number per block, or ranges such as 0-9:0.5")
@@ -135,7 +137,7 @@ def parse_block_strengths(text: str | None, block_count: int | None,
             continue
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
-        value = _number(where, match.group(3), f"strength of {item!r}")
+        value = parse_number(where, match.group(3), f"strength of {item!r}")
         if last < first:
             raise LoraInputError(f"{where}: range {item!r} ends before it starts")
         if last >= count:
