@@ -79,7 +79,7 @@ class WanRewardDualLoraStepSchedule(io.ComfyNode):
         files = [NONE] + folder_paths.get_filename_list("loras")
         return io.Schema(
             node_id="WanRewardDualLoraStepSchedule",
-            display_name="Wan Dual LoRA Step Schedule (Hook Keyframes)",
+            display_name="Wan2.2 Dual LoRA Step Schedule (Hook Keyframes)",
             category="Wan Reward LoRA/loaders",
             description=(
                 "A LoRA per Wan2.2 expert whose strength changes over the sampling steps (keyframes), through "

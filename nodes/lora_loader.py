@@ -146,7 +146,7 @@ class WanRewardDualLoraLoader(io.ComfyNode):
         files = [NONE] + folder_paths.get_filename_list("loras")
         return io.Schema(
             node_id="WanRewardDualLoraLoader",
-            display_name="Wan Dual LoRA Loader",
+            display_name="Wan2.2 Dual LoRA Loader (High + Low Noise)",
             category="Wan Reward LoRA/loaders",
             description=(
                 "Applies one LoRA to the Wan2.2 high-noise expert and one to the low-noise expert, in "

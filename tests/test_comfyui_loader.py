@@ -72,7 +72,7 @@ def _probe(prompt, node_id, source, filename):
 
 def test_object_info_lists_the_loader(comfyui):
     info = comfyui.object_info()["WanRewardDualLoraLoader"]
-    assert info["display_name"] == "Wan Dual LoRA Loader"
+    assert info["display_name"] == "Wan2.2 Dual LoRA Loader (High + Low Noise)"
     assert list(info["input"]["required"]) == ["model_high", "model_low", "lora_high", "strength_high",
                                                "lora_low", "strength_low"]
     assert info["output_name"] == ["model_high", "model_low", "report"]
