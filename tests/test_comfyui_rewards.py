@@ -50,10 +50,19 @@ def _score_prompt(selection="all", model_name="tiny/HPS_v2.1_tiny.pt", mps_varia
     }
 
 
+DISPLAY_NAMES = {  # ids never change (saved workflows name them); display names say what each is for
+    "WanRewardDualLoraLoader": "Wan2.2 Dual LoRA Loader (High + Low Noise)",
+    "WanRewardDualLoraStepSchedule": "Wan2.2 Dual LoRA Step Schedule (Hook Keyframes)",
+    "WanRewardLoadRewardModel": "Load Reward Model (HPS, MPS, PickScore, Aesthetic)",
+    "WanRewardScoreFrames": "Score Frames (Reward)",
+    "WanRewardPickBest": "Pick Best Video by Reward (Best-of-N)",
+}
+
+
 def test_nodes_are_registered(comfyui, setup):
     info = comfyui.object_info()
-    for node in ("WanRewardLoadRewardModel", "WanRewardScoreFrames", "WanRewardPickBest"):
-        assert node in info, node
+    for node, display_name in DISPLAY_NAMES.items():
+        assert info[node]["display_name"] == display_name, node
     options = info["WanRewardLoadRewardModel"]["input"]["required"]["model_name"]
     assert "tiny/HPS_v2.1_tiny.pt" in json.dumps(options)
     assert info["WanRewardScoreFrames"]["output"] == ["FLOAT", "STRING", "IMAGE"]
@@ -327,3 +336,50 @@ def test_new_reward_kinds_score_in_comfyui(comfyui, setup, kind):
     outputs = comfyui.run(prompt)
     report = json.loads(outputs["6"]["text"][0])
     assert report["model"] == kind and np.allclose(report["scores"], expected, atol=1e-5)
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import importlib.util, json, sys
+    comfy, pack, checkpoint = sys.argv[1:4]
+    sys.path[:0] = [comfy, pack]
+    import torch
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    sys.argv = sys.argv[:1] + ["--cpu"]  # as the test server runs
+    import comfy.model_management as mm
+    spec = importlib.util.spec_from_file_location("reward_memory", pack + "/nodes/reward_memory.py")
+    reward_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reward_memory)
+    from training.rewards import load_reward_model
+    model = load_reward_model(checkpoint)
+    frames = torch.rand(2, 3, 64, 64)
+    expected = model.score(frames, "a fox").tolist()
+    device = torch.device("cpu")  # what ComfyUI's --cpu gives; a GPU takes the same calls
+    patcher = reward_memory.patcher_of(model, device)
+    counts = []
+    for _ in range(3):
+        mm.load_models_gpu([patcher], memory_required=reward_memory.ACTIVATION_BYTES, force_full_load=True)
+        counts.append(sum(1 for m in mm.current_loaded_models if m.model is patcher))
+    same = reward_memory.patcher_of(model, device) is patcher
+    scores = model.score(frames, "a fox").tolist()
+    mm.unload_all_models()
+    print(json.dumps({"counts": counts, "same": same, "size": patcher.model_size(), "device": str(patcher.model.device),
+                      "params": sum(p.numel() * p.element_size() for p in model.parameters()),
+                      "equal": max(abs(a - b) for a, b in zip(scores, expected)), "left": len(mm.current_loaded_models)}))
+""")
+
+
+def test_reward_model_patcher_under_comfyuis_model_management(tmp_path):
+    """In ComfyUI's Python: the reward model's ModelPatcher is registered once with load_models_gpu and
+    kept (three loads, one entry, nothing moved), its size is the model's, and unloading works."""
+    from comfyui_server import comfyui_python
+
+    comfy = Path(os.environ["COMFYUI_PATH"]).expanduser()
+    checkpoint = write_tiny_hps_checkpoint(tmp_path / "hps.safetensors", seed=3)
+    pack = Path(__file__).resolve().parents[1]
+    run = subprocess.run([comfyui_python(comfy), "-c", _MEMORY_SCRIPT, str(comfy), str(pack), checkpoint],
+                         cwd=comfy, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["counts"] == [1, 1, 1] and result["same"] and result["device"] == "cpu"
+    assert result["size"] >= result["params"] > 0 and result["equal"] < 1e-6 and result["left"] == 0
