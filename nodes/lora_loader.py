@@ -20,6 +20,7 @@ from ..training.lora_blocks import (PRESETS, block_count, check_block_strengths_
 from ..training.lora_format import (CANONICAL_PREFIX, STRENGTH_LIMIT, LoadedLora, LoadReport, LoraInputError,
                                     check_strength, match_lora, read_lora)
 from ..training.lora_pairing import partner_name
+from ..training.safe_io import UserFileError
 
 NONE = "None"
 _CACHE_SIZE = 4
@@ -62,7 +63,10 @@ def matched_lora(model, lora_name: str, strength, expert: str, other_name: str, 
     if path is None:
         raise LoraInputError(f"{slot}: {lora_name} is not in ComfyUI's loras folders "
                              f"({', '.join(folder_paths.get_folder_paths('loras'))})")
-    lora = read_cached(path)
+    try:
+        lora = read_cached(path)
+    except UserFileError as exc:  # unreadable, corrupt, pickled code: say which input chose it
+        raise LoraInputError(f"{slot}: {exc}") from None
     state = model.model.state_dict()
     shapes = {k: v.shape for k, v in state.items()}
     blocks = parse_block_strengths(block_strengths, block_count(state),

@@ -289,3 +289,12 @@ def test_invalid_block_strengths_are_refused_naming_the_text(comfyui, setup):
     prompt["3"]["inputs"]["block_strengths_high"] = "0-5:1.0"  # valid text, but the tiny experts have 2 blocks
     message = comfyui.run_expecting_error(prompt)
     assert "block_strengths_high = '0-5:1.0': block 5 in '0-5:1.0' is beyond the model's 2 blocks" in message
+
+
+def test_an_unreadable_lora_is_refused_naming_the_input_and_the_file(comfyui, setup):
+    path = comfyui.model_path("loras", "truncated-low-noise.safetensors")
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")  # a header cut short
+    prompt = _graph("None", 1.0, "truncated-low-noise.safetensors", 0.5)
+    _probe(prompt, "10", ["3", 1], "never")
+    message = comfyui.run_expecting_error(prompt)
+    assert "lora_low: LoRA file truncated-low-noise.safetensors is not a valid safetensors file" in message, message
