@@ -1,4 +1,7 @@
-"""Benchmark: scoring decoded frames with HPS v2.1 (ViT-H-14 configuration, random weights).
+"""Benchmark: scoring decoded frames with HPS v2.1, PickScore or the aesthetic predictor (their real
+configurations, random weights).
+
+HPS v2.1 (``--reward hps``, the default):
 
 Three figures, on the same weights and the same frames, each the median of ``--repeats`` (>= 2)
 timed runs after one warm-up run of every path, the paths' order alternating between runs:
@@ -13,7 +16,16 @@ timed runs after one warm-up run of every path, the paths' order alternating bet
 The per-call ``torch.load`` of the checkpoint that ``hpsv2.img_score.score`` also does is not timed.
 Goals: ours >= 4x faster than reference, ours <= 1.15x floor, scores within 1e-4 (exit 1 if not).
 
+PickScore (``--reward pickscore``: laion ViT-H/14 CLIPModel) and the aesthetic predictor
+(``--reward aesthetic``: OpenAI ViT-L/14 vision tower + MLP) have no packaged reference to time;
+two figures: ours (RewardModel.score, the prompt encoded once per run) and the floor (the bare
+image-encoder forward of the same preprocessed pixels). Goal: ours <= 1.10x floor, judged on the
+fastest of the ``--repeats`` runs of each (the least disturbed by other load on a shared machine;
+the medians are printed too).
+
     python bench/score_frames.py --frames 4          # ViT-H-14 is ~4 s/frame on 2 CPU cores
+    python bench/score_frames.py --reward pickscore --frames 4
+    python bench/score_frames.py --reward aesthetic --frames 4
     python bench/score_frames.py --config tiny       # a quick smoke run
 """
 
@@ -111,17 +123,83 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+def clip_reward(kind: str, config_name: str, device: str):
+    """(our model, the bare image-encoder forward on preprocessed pixels) for PickScore or the aesthetic
+    predictor, real or tiny configuration, random weights (fp32)."""
+    from training.rewards import aesthetic, pickscore, tiny
+    from training.rewards.hf_clip import (LAION_VIT_H_14_CLIP_CONFIG, OPENAI_VIT_L_14_VISION_CONFIG, build_hf_clip,
+                                          build_hf_clip_vision, image_embeds)
+
+    if kind == "pickscore":
+        config = LAION_VIT_H_14_CLIP_CONFIG if config_name == "vit-h-14" else tiny.TINY_PICKSCORE_CONFIG
+        clip = build_hf_clip(config).eval().requires_grad_(False).to(device)
+        model = pickscore.PickScoreRewardModel(clip, config)
+        return model, lambda pixels: image_embeds(clip.vision_model, clip.visual_projection, pixels)
+    config = OPENAI_VIT_L_14_VISION_CONFIG if config_name == "vit-h-14" else tiny.TINY_AESTHETIC_VISION_CONFIG
+    sizes = {0: (1024, 768), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)} if config_name == "vit-h-14" \
+        else tiny.TINY_AESTHETIC_MLP_SIZES
+    vision = build_hf_clip_vision(config).eval().requires_grad_(False).to(device)
+    model = aesthetic.AestheticRewardModel(vision, aesthetic.AestheticMLP(sizes).to(device), config)
+    return model, lambda pixels: image_embeds(vision.vision_model, vision.visual_projection, pixels)
+
+
+def bench_clip_reward(args) -> int:
+    """Ours vs the bare encoder forward for PickScore / the aesthetic predictor."""
+    torch.manual_seed(0)
+    (model, floor_forward), build_s = timed(lambda: clip_reward(args.reward, args.config, args.device))
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.integers(0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8))
+    frames = frames.permute(0, 3, 1, 2).float().div(255).to(args.device)
+    pixels = model.preprocess_frames(frames, "reference")
+    print(f"{args.reward} ({args.config}): built in {build_s:.1f} s; {args.frames} frames {args.height}x{args.width} "
+          f"on {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    def run_ours(count=args.frames):
+        model._prompt_cache.clear()
+        with torch.no_grad():
+            return model.score(frames[:count], [PROMPT] * count)
+
+    def run_floor(count=args.frames):
+        with torch.no_grad():
+            return floor_forward(pixels[:count])
+
+    paths = {"ours": run_ours, "floor": run_floor}
+    for fn in paths.values():
+        fn(1)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for repeat in range(args.repeats):
+        for name in (list(paths) if repeat % 2 == 0 else list(reversed(paths))):
+            times[name].append(timed(paths[name])[1])
+    median = {name: statistics.median(values) for name, values in times.items()}
+    fastest = {name: min(values) for name, values in times.items()}
+    for name, label in (("ours", "ours (batched tensor path)         "), ("floor", "floor (bare image-encoder forward) ")):
+        runs = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"{label}: {fastest[name]:8.2f} s fastest, {median[name]:8.2f} s median "
+              f"({fastest[name] / args.frames:6.3f} s/frame; runs {runs})")
+    ratio = fastest["ours"] / fastest["floor"]
+    print(f"ours / floor: {ratio:.3f}x fastest runs (medians {median['ours'] / median['floor']:.3f}x) "
+          f"(goal <= 1.10x): {'MET' if ratio <= 1.10 else 'NOT MET'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per path after the warm-up (>= 2)")
-    parser.add_argument("--config", choices=("vit-h-14", "tiny"), default="vit-h-14")
+    parser.add_argument("--config", choices=("vit-h-14", "tiny"), default="vit-h-14",
+                        help="the real configuration (ViT-H/14; ViT-L/14 for the aesthetic predictor) or a tiny one")
+    parser.add_argument("--reward", choices=("hps", "pickscore", "aesthetic"), default="hps")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.repeats < 2:
         parser.error("--repeats must be at least 2 (the figures are medians)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.reward != "hps":
+        return bench_clip_reward(args)
     from PIL import Image
 
     torch.manual_seed(0)

@@ -144,11 +144,13 @@ class ComfyUIServer:
     def object_info(self) -> dict:
         return self.get("/object_info").json()
 
-    def queue(self, prompt: dict) -> str:
-        """POST an API-format prompt; returns its prompt id (raises with node errors)."""
-        response = requests.post(
-            f"{self.url}/prompt", json={"prompt": prompt, "client_id": self.client_id}, timeout=60,
-        )
+    def queue(self, prompt: dict, extra_data: dict | None = None) -> str:
+        """POST an API-format prompt (and the frontend's ``extra_data``, e.g. ``extra_pnginfo``); returns its
+        prompt id (raises with node errors)."""
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if extra_data is not None:
+            body["extra_data"] = extra_data
+        response = requests.post(f"{self.url}/prompt", json=body, timeout=60)
         if response.status_code != 200:
             raise AssertionError(f"prompt rejected ({response.status_code}): {response.text}")
         return response.json()["prompt_id"]
@@ -165,9 +167,9 @@ class ComfyUIServer:
             time.sleep(0.5)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s\n{self.log_tail()}")
 
-    def run(self, prompt: dict, timeout: float = 600) -> dict:
+    def run(self, prompt: dict, timeout: float = 600, extra_data: dict | None = None) -> dict:
         """Queue a prompt, wait, and return the outputs; raise with the error if it failed."""
-        entry = self.wait(self.queue(prompt), timeout)
+        entry = self.wait(self.queue(prompt, extra_data), timeout)
         if entry["status"]["status_str"] != "success":
             raise PromptFailed(entry)
         return entry["outputs"]

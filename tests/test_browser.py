@@ -21,11 +21,17 @@ import requests
 from PIL import Image
 
 from test_comfyui_train import no_prompt_left_running, train_prompt, write_tiny_models  # noqa: F401 (autouse)
+from test_workflows import overlapping
 from training.rewards.tiny import write_tiny_hps_checkpoint
 
 pytestmark = pytest.mark.comfyui
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-OUR_SCRIPTS = ("train_progress.js", "dual_lora_loader.js", "lora_pairing.js", "ComfyUI-wan-reward-lora",
+# Thumbnails: rendered from the frontend's canvas and compared with the committed .jpg beside each
+# workflow; set this to 1 to write them instead (after a workflow changed).
+WRITE_THUMBNAILS = os.environ.get("WAN_REWARD_WRITE_THUMBNAILS") == "1"
+THUMBNAIL_SIZE = (800, 500)
+THUMBNAIL_TOLERANCE = 8.0  # mean absolute difference per channel (0-255) of the committed and rendered ones
+OUR_SCRIPTS = ("train_progress.js", "dual_lora_loader.js", "lora_pairing.js", "text_view.js", "ComfyUI-wan-reward-lora",
                "wan-reward-lora", "wan_reward")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
@@ -182,7 +188,85 @@ def test_workflow_loads_without_missing_nodes(page, name):
         for a, b in zip(got, node["widgets_values"]):
             assert a == b or (isinstance(b, float) and abs(a - b) < 1e-9), (name, node["type"], got, node["widgets_values"])
     page.js("document.querySelectorAll('.p-dialog-mask').forEach(d => d.remove())")
+    # no two node boxes (title bar included) overlap as the frontend lays them out
+    boxes = {i: (x, y, x + w, y + h) for i, (x, y, w, h) in page.js(
+        "window.app.graph._nodes.map(n => [n.id, Array.from(n.getBounding())])")}
+    assert not overlapping(boxes), f"{name}: overlapping nodes {overlapping(boxes)}"
+    _check_thumbnail(page, name)
     assert not _our_errors(page.console), page.console
+
+
+# Fit the whole graph into the canvas, draw it at full detail, and return the canvas as a PNG data URL
+# (the LiteGraph canvas only: no menus or DOM overlays) with the graph's box on it.
+RENDER_GRAPH = """(async () => {
+    const c = window.app.canvas, nodes = window.app.graph._nodes;
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const n of nodes) { const [x, y, w, h] = n.getBounding(); x0 = Math.min(x0, x); y0 = Math.min(y0, y);
+                             x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h); }
+    x0 -= 40; y0 -= 70; x1 += 40; y1 += 40;
+    const W = c.canvas.width, H = c.canvas.height;
+    const scale = Math.min(W / (x1 - x0), H / (y1 - y0));
+    c.show_info = false;
+    c._min_font_size_for_lod = 0;  // draw text and widgets at any zoom
+    c.updateLowQualityThreshold();
+    c.ds.scale = scale;
+    c.ds.offset[0] = -x0;
+    c.ds.offset[1] = -y0;
+    c.setDirty(true, true);
+    c.draw(true, true);
+    await new Promise(r => setTimeout(r, 300));
+    c.draw(true, true);
+    return [c.canvas.toDataURL("image/png"), Math.round((x1 - x0) * scale), Math.round((y1 - y0) * scale)];
+})()"""
+
+
+def _check_thumbnail(page, name: str) -> None:
+    """The workflow's same-name .jpg, rendered from the real frontend: equal to the committed one, or
+    written when WAN_REWARD_WRITE_THUMBNAILS=1."""
+    import io
+
+    page.call("Emulation.setDeviceMetricsOverride", width=3200, height=2000, deviceScaleFactor=1, mobile=False)
+    try:
+        time.sleep(0.8)  # the frontend resizes its canvas to the window
+        data, width, height = page.js(RENDER_GRAPH)
+    finally:
+        page.call("Emulation.clearDeviceMetricsOverride")
+    drawn = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB").crop((0, 0, width, height))
+    drawn.thumbnail(THUMBNAIL_SIZE, Image.LANCZOS)
+    image = Image.new("RGB", THUMBNAIL_SIZE, (34, 34, 34))
+    image.paste(drawn, ((THUMBNAIL_SIZE[0] - drawn.width) // 2, (THUMBNAIL_SIZE[1] - drawn.height) // 2))
+    path = WORKFLOWS / name.replace(".json", ".jpg")
+    if WRITE_THUMBNAILS:
+        image.save(path, "JPEG", quality=85)
+        return
+    assert path.is_file(), f"{path.name} is missing: run the browser test with WAN_REWARD_WRITE_THUMBNAILS=1"
+    rendered = np.asarray(Image.open(io.BytesIO(_jpeg(image))), dtype=np.float32)
+    with Image.open(path) as committed:
+        assert committed.size == THUMBNAIL_SIZE, (path.name, committed.size)
+        difference = float(np.abs(np.asarray(committed.convert("RGB"), dtype=np.float32) - rendered).mean())
+    assert difference <= THUMBNAIL_TOLERANCE, (
+        f"{path.name} differs from the workflow as the frontend draws it (mean difference {difference:.1f}): the "
+        "workflow changed; run the browser test with WAN_REWARD_WRITE_THUMBNAILS=1 and commit the thumbnail")
+
+
+def _jpeg(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def test_thumbnail_check_can_fail(page):
+    """The comparison above tells another workflow's thumbnail apart from this one's."""
+    names = sorted(p.name for p in WORKFLOWS.glob("*.json"))
+    a, b = (WORKFLOWS / names[0].replace(".json", ".jpg")), (WORKFLOWS / names[1].replace(".json", ".jpg"))
+    if WRITE_THUMBNAILS or not (a.is_file() and b.is_file()):
+        pytest.skip("thumbnails are being written")
+    with Image.open(a) as first, Image.open(b) as second:
+        difference = float(np.abs(np.asarray(first.convert("RGB"), dtype=np.float32)
+                                  - np.asarray(second.convert("RGB"), dtype=np.float32)).mean())
+    assert difference > THUMBNAIL_TOLERANCE, difference
 
 
 def test_chart_appears_when_training_events_arrive(page, comfyui):

@@ -72,7 +72,7 @@ def _probe(prompt, node_id, source, filename):
 
 def test_object_info_lists_the_loader(comfyui):
     info = comfyui.object_info()["WanRewardDualLoraLoader"]
-    assert info["display_name"] == "Wan Dual LoRA Loader"
+    assert info["display_name"] == "Wan2.2 Dual LoRA Loader (High + Low Noise)"
     assert list(info["input"]["required"]) == ["model_high", "model_low", "lora_high", "strength_high",
                                                "lora_low", "strength_low"]
     assert info["output_name"] == ["model_high", "model_low", "report"]
@@ -254,3 +254,47 @@ def test_frontend_extension_is_served(comfyui):
     assert "registerExtension" in comfyui.get(served[0]).text
     pairing = served[0].replace("dual_lora_loader.js", "lora_pairing.js")
     assert "export function partnerName" in comfyui.get(pairing).text
+
+
+def test_block_strengths_scale_the_patches_of_their_blocks(comfyui, setup):
+    """block_strengths_high '0:0.5, 1:0' with strength 0.6: block 0 gets 0.3 x the LoRA, block 1 none, the
+    head the full 0.6; the low expert's 'attention_only' leaves its FFN and head unpatched."""
+    experts, loras = setup
+    prompt = _graph("wan/reward-high-noise.safetensors", 0.6, "wan/reward-low-noise.safetensors", 0.7)
+    prompt["3"]["inputs"].update(block_strengths_high="0:0.5, 1:0", block_strengths_low="attention_only")
+    _probe(prompt, "10", ["3", 0], "blocks_high")
+    _probe(prompt, "11", ["3", 1], "blocks_low")
+    outputs = comfyui.run(prompt)
+    report = outputs["3"]["text"][0]
+    assert "block strengths (0:0.5, 1:0): blocks 0 x0.5, 1 x0" in report, report
+    assert "preset attention_only (ffn, modules outside the blocks x0)" in report
+    high = load_file(comfyui.output / "blocks_high.safetensors")
+    low = load_file(comfyui.output / "blocks_low.safetensors")
+    for module, factor in (("blocks.0.self_attn.q", 0.5), ("blocks.0.ffn.2", 0.5), ("blocks.1.cross_attn.o", 0.0),
+                           ("head.head", 1.0)):
+        want = expected_weight(experts["high"][f"{module}.weight"], *loras["videox_high"][module], 0.6 * factor)
+        assert torch.allclose(high[f"diffusion_model.{module}.weight"], want, atol=1e-6, rtol=0), module
+    for module, factor in (("blocks.1.self_attn.k", 1.0), ("blocks.0.cross_attn.q", 1.0), ("blocks.0.ffn.0", 0.0),
+                           ("head.head", 0.0)):
+        want = expected_weight(experts["low"][f"{module}.weight"], *loras["diffusers_low"][module], 0.7 * factor)
+        assert torch.allclose(low[f"diffusion_model.{module}.weight"], want, atol=1e-6, rtol=0), module
+
+
+def test_invalid_block_strengths_are_refused_naming_the_text(comfyui, setup):
+    prompt = _graph("wan/reward-high-noise.safetensors", 0.6, "None", 1.0)
+    prompt["3"]["inputs"]["block_strengths_high"] = "0-9:nan"
+    _probe(prompt, "10", ["3", 0], "never")
+    with pytest.raises(AssertionError, match=r"block_strengths_high = '0-9:nan': .*finite number"):
+        comfyui.queue(prompt)  # refused before anything runs
+    prompt["3"]["inputs"]["block_strengths_high"] = "0-5:1.0"  # valid text, but the tiny experts have 2 blocks
+    message = comfyui.run_expecting_error(prompt)
+    assert "block_strengths_high = '0-5:1.0': block 5 in '0-5:1.0' is beyond the model's 2 blocks" in message
+
+
+def test_an_unreadable_lora_is_refused_naming_the_input_and_the_file(comfyui, setup):
+    path = comfyui.model_path("loras", "truncated-low-noise.safetensors")
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")  # a header cut short
+    prompt = _graph("None", 1.0, "truncated-low-noise.safetensors", 0.5)
+    _probe(prompt, "10", ["3", 1], "never")
+    message = comfyui.run_expecting_error(prompt)
+    assert "lora_low: LoRA file truncated-low-noise.safetensors is not a valid safetensors file" in message, message

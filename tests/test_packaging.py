@@ -57,3 +57,22 @@ def test_comfy_node_validate_passes():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "validation checks passed" in output, output
+
+
+def test_publish_workflow_uses_the_registry_action_on_version_changes():
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "publish.yml").read_text())
+    triggers = workflow[True] if True in workflow else workflow["on"]  # YAML 1.1 reads "on" as True
+    assert triggers["push"]["branches"] == ["main"] and triggers["push"]["paths"] == ["pyproject.toml"]
+    steps = workflow["jobs"]["publish-node"]["steps"]
+    publish = next(s for s in steps if str(s.get("uses", "")).startswith("Comfy-Org/publish-node-action@"))
+    assert publish["with"]["personal_access_token"] == "${{ secrets.REGISTRY_ACCESS_TOKEN }}"
+    owner = PYPROJECT["project"]["urls"]["Repository"].split("/")[3]
+    assert owner in workflow["jobs"]["publish-node"]["if"]
+
+
+def test_web_uses_no_deprecated_frontend_shims():
+    """scripts/widgets.js is a legacy shim; the panels use the frontend's DOM widget API."""
+    for path in (ROOT / "web").glob("*.js"):
+        assert "scripts/widgets.js" not in path.read_text(), path.name

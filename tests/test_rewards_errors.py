@@ -42,10 +42,17 @@ def test_neither_hps_nor_mps_names_what_it_found(tmp_path):
         load_reward_model(path)
 
 
-def test_hf_clip_without_cross_model_is_explained(tmp_path):
+def test_hf_clip_without_cross_model_is_pickscore(tmp_path):
+    """A whole transformers CLIPModel is PickScore's layout (MPS has its cross model besides)."""
     state = {k[len("model."):]: v for k, v in tiny_mps_state_dict().items() if k.startswith("model.")}
     path = save_safetensors(state, tmp_path / "clip.safetensors")
-    with pytest.raises(UserFileError, match="transformers CLIPModel without the MPS cross model"):
+    assert load_reward_model(path).name == "pickscore"
+
+
+def test_part_of_an_hf_clip_is_explained_and_the_file_named(tmp_path):
+    state = {k[len("model."):]: v for k, v in tiny_mps_state_dict().items() if k.startswith("model.vision_model.")}
+    path = save_safetensors(state, tmp_path / "clip_vision.safetensors")
+    with pytest.raises(UserFileError, match=r"^clip_vision\.safetensors: not an HPS.*part of a transformers CLIP model"):
         load_reward_model(path)
 
 
@@ -53,7 +60,7 @@ def test_missing_key_is_named(tmp_path):
     state = tiny_hps_state_dict()
     del state["visual.ln_post.weight"]
     path = save_safetensors(state, tmp_path / "hps.safetensors")
-    with pytest.raises(UserFileError, match=r"1 missing keys .*visual\.ln_post\.weight"):
+    with pytest.raises(UserFileError, match=r"^hps\.safetensors: the checkpoint does not match.*1 missing keys .*visual\.ln_post\.weight"):
         load_reward_model(path)
 
 
@@ -205,3 +212,36 @@ def test_checkpoint_kind_reads_only_the_header(tmp_path):
     write_tiny_hps_checkpoint(hps)
     write_tiny_mps_checkpoint(mps)
     assert checkpoint_kind(hps) == "hps" and checkpoint_kind(mps) == "mps"
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 64, 64, 2), r"^candidate_2 has 2 channels \(shape \[2, 64, 64, 2\]\); ComfyUI's IMAGE layout is "
+                     r"\[B, H, W, C\] with C = 3 \(RGB\) or 4 \(RGBA\)"),
+    ((2, 3, 64, 64), r"^candidate_2 has shape \[2, 3, 64, 64\]: channels first .*permute\(0, 2, 3, 1\)"),
+    ((0, 64, 64, 3), r"^candidate_2 is empty \(0 frames\)"),
+    ((64, 64, 3), r"^candidate_2 must be an IMAGE batch .* shape \[64, 64, 3\]"),
+])
+def test_image_batch_errors_name_the_input_and_the_layout(shape, message):
+    from training.rewards.preprocess import comfy_image_to_frames
+
+    with pytest.raises(ValueError, match=message) as info:
+        comfy_image_to_frames(torch.rand(shape), "candidate_2")
+    if shape[-1] == 2:
+        assert "permute" not in str(info.value)  # already in ComfyUI's layout: no advice to permute
+
+
+def test_nan_frames_name_the_input_and_the_frames():
+    from training.rewards.preprocess import comfy_image_to_frames
+
+    images = torch.rand(4, 8, 8, 3)
+    images[2, 1, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^images has NaN values \(in frames \[2\]\)"):
+        comfy_image_to_frames(images, "images")
+    assert comfy_image_to_frames(torch.rand(2, 8, 8, 4), "images").shape == (2, 4, 8, 8)
+
+
+def test_a_lora_is_refused_naming_the_file(tmp_path):
+    lora = save_safetensors({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(4, 2)},
+                            tmp_path / "reward_lora.safetensors")
+    with pytest.raises(UserFileError, match=r"^reward_lora\.safetensors: not an HPS.*diffusion model or LoRA"):
+        load_reward_model(lora)

@@ -79,3 +79,18 @@ def test_combined_reports_and_panels(tmp_path):
     assert combined["mean"] == pytest.approx(first["mean"] + 0.5 * second["mean"])
     assert combined["model"] == "1*hps_v2.1+0.5*mps" and combined["motion"] == first["motion"]
     assert plot_scores([combined, first, second]).shape == (1, 3 * 288, 512, 3)
+
+
+def test_split_videos_in_batch_order_and_a_clear_error():
+    from training.rewards.report import split_videos, video_summary
+
+    frames = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 2, 2)
+    videos = split_videos(frames, 3)
+    assert [v[:, 0, 0, 0].tolist() for v in videos] == [[0, 1, 2], [3, 4, 5]]
+    assert len(split_videos(frames, 0)) == 1
+    with pytest.raises(ValueError, match=r"^candidate_1 has 6 frames, not a whole number of videos of "
+                                         r"frames_per_video = 4"):
+        split_videos(frames, 4, "candidate_1")
+    summary = video_summary([{"mean": 0.2}, {"mean": 0.5}, {"mean": 0.1}])
+    assert summary["best_video"] == 1 and summary["video_means"] == [0.2, 0.5, 0.1]
+    assert summary["mean"] == pytest.approx(0.8 / 3)

@@ -58,7 +58,7 @@ BAD = [
     ("vae", {"vae": None}),
     ("output_dir", {"output_dir": ""}),
     ("rewards", {"rewards": []}),
-    ("rewards[0].model", {"rewards": [{"model": "pickscore", "path": "x"}]}),
+    ("rewards[0].model", {"rewards": [{"model": "imagereward", "path": "x"}]}),
     ("rewards[0].weight", {"rewards": [{"model": "hps", "path": "hps.pt", "weight": "heavy"}]}),
     ("rewards[0].preprocess", {"rewards": [{"model": "hps", "path": "hps.pt", "preprocess": "crop"}]}),
     ("lora_rank", {"lora_rank": 0}),

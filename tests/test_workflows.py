@@ -1,5 +1,6 @@
-"""The shipped workflows: JSON structure (no ComfyUI), and every node, link and widget list against a
-live /object_info (ComfyUI tier)."""
+"""The shipped workflows: JSON structure, layout (steps in groups, no overlapping nodes) and notes (no
+ComfyUI); every node, link and widget list against a live /object_info, and each one run on tiny
+models (ComfyUI tier)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 import importlib.util
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-_spec = importlib.util.spec_from_file_location("build_workflows", WORKFLOWS / "build_workflows.py")
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+_spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "tools" / "build_workflows.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -24,6 +26,60 @@ def load(path: Path) -> dict:
 
 def test_every_builder_output_is_shipped():
     assert sorted(p.name for p in FILES) == sorted(build.WORKFLOWS)
+    # the folder is served as static files: only workflows and their thumbnails live there
+    assert sorted(p.name for p in WORKFLOWS.iterdir()) == sorted(
+        [p.name for p in FILES] + [p.with_suffix(".jpg").name for p in FILES])
+
+
+def _boxes(wf) -> dict:
+    """{node id: (x0, y0, x1, y1)} with the title bar LiteGraph draws above pos."""
+    return {n["id"]: (n["pos"][0], n["pos"][1] - build.TITLE_HEIGHT, n["pos"][0] + n["size"][0],
+                      n["pos"][1] + n["size"][1]) for n in wf["nodes"]}
+
+
+def overlapping(boxes: dict) -> list[tuple]:
+    items = sorted(boxes.items(), key=lambda kv: kv[1][0])
+    found = []
+    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(items):
+        for b, (bx0, by0, bx1, by1) in items[i + 1:]:
+            if bx0 >= ax1:
+                break
+            if ay0 < by1 and by0 < ay1:
+                found.append((a, b))
+    return found
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_layout_steps_left_to_right_without_overlaps(path):
+    wf = load(path)
+    assert not overlapping(_boxes(wf)), path.name
+    groups = wf["groups"]
+    titles = [g["title"] for g in groups]
+    assert titles[0] == "Step 1 - Load models" or titles[0].startswith("Step 1 - Load")
+    assert [t.split(" - ")[0] for t in titles] == [f"Step {i}" for i in range(1, len(titles) + 1)], titles
+    lefts = [g["bounding"][0] for g in groups]
+    assert lefts == sorted(lefts)  # left to right by stage
+    for g1, g2 in zip(groups, groups[1:]):
+        assert g1["bounding"][0] + g1["bounding"][2] < g2["bounding"][0], (g1["title"], g2["title"])
+    for node, (x0, y0, x1, y1) in _boxes(wf).items():  # every node sits in exactly one step's group
+        inside = [g["title"] for g in groups if g["bounding"][0] <= x0 and x1 <= g["bounding"][0] + g["bounding"][2]
+                  and g["bounding"][1] <= y0 and y1 <= g["bounding"][1] + g["bounding"][3]]
+        assert len(inside) == 1, (path.name, node, inside)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_note_lists_every_model_file_with_folder_and_link(path):
+    wf = load(path)
+    notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert "### Model files" in text and "### Steps" in text
+    for node in wf["nodes"]:
+        for model in node["properties"].get("models", []):
+            assert f"| `{model['name']}` | `ComfyUI/models/{model['directory']}/` | [download]({model['url']}) |" \
+                in text, (path.name, model["name"])
+    if any(build.MPS_FILE in n["widgets_values"] for n in wf["nodes"] if n["type"] == "WanRewardLoadRewardModel"):
+        assert f"`{build.MPS_FILE}`" in text and "no download link" in text
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -36,6 +92,9 @@ def test_structure(path):
     assert len(links) == len(wf["links"]) and wf["last_link_id"] >= max(links)
     for node in wf["nodes"]:
         props = node["properties"]
+        if node["type"] in build.VIRTUAL_NODES:  # frontend-only (note, reroute): no pack, no widgets to check
+            assert "cnr_id" not in props
+            continue
         expected = "wan-reward-lora" if node["type"].startswith("WanReward") else "comfy-core"
         assert props["cnr_id"] == expected, (node["type"], props)
         assert props["Node name for S&R"] == node["type"]
@@ -75,6 +134,14 @@ def test_contents_match_the_issue():
     assert "EmptyHunyuanLatentVideo" in _types(t2v) and "WanRewardDualLoraLoader" in _types(t2v)
     stack = load(WORKFLOWS / "wan22_t2v_lightx2v_reward_lora_stack.json")
     assert _types(stack).count("LoraLoaderModelOnly") == 2 and "WanRewardDualLoraLoader" in _types(stack)
+    best = load(WORKFLOWS / "reward_lora_best_of_n.json")
+    pick = next(n for n in best["nodes"] if n["type"] == "WanRewardPickBest")
+    latent_in = next(i["link"] for i in pick["inputs"] if i["name"] == "latent")
+    sources = {lk[0]: lk for lk in best["links"]}
+    assert next(n for n in best["nodes"] if n["id"] == sources[latent_in][1])["type"] == "KSamplerAdvanced"
+    refine = [lk for lk in best["links"] if lk[1] == pick["id"] and lk[2] == 6]  # the picked latent is refined
+    assert refine and next(n for n in best["nodes"] if n["id"] == refine[0][3])["type"] == "KSamplerAdvanced"
+    assert next(n for n in best["nodes"] if n["type"] == "EmptyHunyuanLatentVideo")["widgets_values"][3] == 4
     grid = load(WORKFLOWS / "reward_lora_score_and_compare.json")
     strengths = sorted((n["widgets_values"][1], n["widgets_values"][3]) for n in grid["nodes"]
                        if n["type"] == "WanRewardDualLoraLoader")
@@ -103,6 +170,8 @@ def test_against_object_info(comfyui, path):
     wf = load(path)
     nodes = {n["id"]: n for n in wf["nodes"]}
     for node in wf["nodes"]:
+        if node["type"] in build.VIRTUAL_NODES:
+            continue
         assert node["type"] in info, f"{path.name}: node type {node['type']} is not registered"
         spec = info[node["type"]]
         names = build.widget_names(spec)
@@ -124,8 +193,11 @@ def test_against_object_info(comfyui, path):
         for inp in node["inputs"]:
             assert inp["name"] in specs, (path.name, node["type"], inp["name"])
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        src, src_slot = real_source(wf, src, src_slot)
         out_type = info[nodes[src]["type"]]["output"][src_slot]
         assert kind == out_type, (path.name, link_id, kind, out_type)
+        if nodes[dst]["type"] == "Reroute":
+            continue
         name = nodes[dst]["inputs"][dst_slot]["name"]
         wanted = dict((n, k) for n, k, _, _ in build.input_specs(info[nodes[dst]["type"]]))[name]
         assert _compatible(out_type, wanted), (path.name, nodes[dst]["type"], name, out_type, wanted)
@@ -134,27 +206,38 @@ def test_against_object_info(comfyui, path):
 @pytest.mark.comfyui
 def test_workflows_are_up_to_date(comfyui):
     """Rebuilding from the live /object_info gives the committed files (regenerate with
-    python workflows/build_workflows.py --url <ComfyUI> after a node's inputs change)."""
+    python tools/build_workflows.py --url <ComfyUI> after a node's inputs change)."""
     info = comfyui.object_info()
     for name, make in build.WORKFLOWS.items():
-        assert make(info) == load(WORKFLOWS / name), f"{name} is out of date: run workflows/build_workflows.py"
+        assert make(info) == load(WORKFLOWS / name), f"{name} is out of date: run tools/build_workflows.py"
 
 
 # ---- (c) and (d) run with tiny models ------------------------------------------------------------
+
+def real_source(workflow: dict, node_id: int, slot: int) -> tuple[int, int]:
+    """The node and output a link really comes from, through Reroutes (as the frontend resolves them)."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    while nodes[node_id]["type"] == "Reroute":
+        link = links[nodes[node_id]["inputs"][0]["link"]]
+        node_id, slot = link[1], link[2]
+    return node_id, slot
+
 
 def ui_to_api(workflow: dict, info: dict) -> dict:
     """The API prompt ComfyUI's "Export (API)" would write for an active UI workflow."""
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):
+        if node.get("mode", 0) in (2, 4) or node["type"] in build.VIRTUAL_NODES:
             continue
         inputs = {name: value for name, value in zip(build.widget_names(info[node["type"]]), node["widgets_values"])
                   if not name.endswith(".control") and name != "upload"}
         for inp in node["inputs"]:
             if inp["link"] is not None:
                 link = links[inp["link"]]
-                inputs[inp["name"]] = [str(link[1]), link[2]]
+                source, slot = real_source(workflow, link[1], link[2])
+                inputs[inp["name"]] = [str(source), slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 
@@ -263,10 +346,23 @@ def test_train_and_preview_runs_with_tiny_models(comfyui):
 
 @pytest.mark.comfyui
 @pytest.mark.parametrize("name", ["wan22_fun_inp_reward_lora.json", "wan22_t2v_reward_lora.json",
-                                  "wan22_t2v_lightx2v_reward_lora_stack.json"])
+                                  "wan22_t2v_lightx2v_reward_lora_stack.json", "reward_lora_best_of_n.json"])
 def test_generation_workflows_run_with_tiny_models(comfyui, name):
     workflow = load(WORKFLOWS / name)
-    outputs = comfyui.run(tiny_prompt(comfyui, workflow, "unused"), timeout=300)
+    outputs = comfyui.run(tiny_prompt(comfyui, workflow, "unused"), timeout=300,
+                          extra_data={"extra_pnginfo": {"workflow": workflow}})
+    if name == "reward_lora_best_of_n.json":  # 4 candidates scored, the best one's latent refined and saved
+        pick = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "WanRewardPickBest")
+        report = json.loads(next(out["text"][0] for out in outputs.values()
+                                 if out.get("text") and '"pick"' in out["text"][0]))
+        assert [c["input"] for c in report["candidates"]] == [f"candidate_1[video {i}]" for i in range(4)]
+        assert outputs[pick]["text"][0].startswith(f"best: index {report['pick']['best']} ")
+        saved = next(out["images"][0] for node_id, out in outputs.items()
+                     if next(n["type"] for n in workflow["nodes"] if str(n["id"]) == node_id) == "SaveImage")
+        from PIL import Image
+
+        with Image.open(comfyui.output / saved["subfolder"] / saved["filename"]) as image:
+            assert json.loads(image.info["wan_reward_selection"])[pick]["best_index"] == report["pick"]["best"]
     loader = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "WanRewardDualLoraLoader")
     save = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveVideo")
     report = outputs[loader]["text"][0]  # the loader's report on the node: the tiny LoRAs applied fully

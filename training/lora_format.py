@@ -258,6 +258,7 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    scaling: list[str] = field(default_factory=list)             # how strengths vary (block strengths, schedule)
 
     @property
     def scales(self) -> list[float]:
@@ -282,6 +283,7 @@ class LoadReport:
             if self.strength is not None and len(self.scales) == 1:
                 line += f" (x strength = {self.scales[0] * self.strength:g})"
             lines.append(line)
+        lines += [f"  {line}" for line in self.scaling]
         for key, why in list(self.unmatched.items())[:EXAMPLES]:
             lines.append(f"  unmatched: {key} ({why})")
         for mismatch in self.shape_mismatches[:EXAMPLES]:

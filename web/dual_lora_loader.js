@@ -1,9 +1,9 @@
-// Wan Dual LoRA Loader: propose the partner file (high <-> low) and show the load report.
+// Wan Dual LoRA Loader and Step Schedule: propose the partner file (high <-> low) and show the load report.
 import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 import { partnerName } from "./lora_pairing.js";
+import { showTextOnExecuted } from "./text_view.js";
 
-const NODE = "WanRewardDualLoraLoader";
+const NODES = ["WanRewardDualLoraLoader", "WanRewardDualLoraStepSchedule"];
 const NONE = "None";
 
 function comboValues(widget) {
@@ -28,24 +28,10 @@ function proposePartner(source, target) {
   };
 }
 
-function showReport(node, text) {
-  let widget = node.widgets?.find((w) => w.name === "load_report");
-  if (!widget) {
-    widget = ComfyWidgets.STRING(node, "load_report", ["STRING", { multiline: true }], app).widget;
-    widget.serialize = false;
-    if (widget.inputEl) {
-      widget.inputEl.readOnly = true;
-      widget.inputEl.style.opacity = 0.8;
-    }
-  }
-  widget.value = text;
-  node.setDirtyCanvas?.(true, true);
-}
-
 app.registerExtension({
   name: "wan-reward-lora.DualLoraLoader",
   nodeCreated(node) {
-    if (node.comfyClass !== NODE) return;
+    if (!NODES.includes(node.comfyClass)) return;
     const high = node.widgets?.find((w) => w.name === "lora_high");
     const low = node.widgets?.find((w) => w.name === "lora_low");
     if (!high || !low) return;
@@ -53,12 +39,6 @@ app.registerExtension({
     proposePartner(low, high);
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== NODE) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (output) {
-      onExecuted?.apply(this, arguments);
-      const text = output?.text;
-      if (text) showReport(this, Array.isArray(text) ? text.join("\n") : String(text));
-    };
+    if (NODES.includes(nodeData.name)) showTextOnExecuted(nodeType, "load_report", "wan-reward-load-report", 240);
   },
 });

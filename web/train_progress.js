@@ -3,6 +3,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { EVENT_FIELDS } from "./progress_events.js";
+import { showTextOnExecuted } from "./text_view.js";
 
 const TRAIN_NODE = "WanRewardLoraTrain";
 const SCORE_NODE = "WanRewardScoreFrames";
@@ -181,38 +182,13 @@ function onTrainEvent(detail) {
   node.setDirtyCanvas?.(true, true);
 }
 
-function showScores(node, text) {
-  let widget = node.widgets?.find((w) => w.name === "scores_view");
-  if (!widget) {
-    const pre = document.createElement("pre");
-    pre.className = "wan-reward-scores";
-    Object.assign(pre.style, { margin: "0", padding: "4px", fontSize: "11px", overflow: "auto", whiteSpace: "pre-wrap",
-      background: "var(--comfy-input-bg, #222)", color: "var(--input-text, #ddd)", maxHeight: "160px" });
-    widget = node.addDOMWidget("scores_view", "wan_reward_scores", pre, {
-      serialize: false, hideOnZoom: false, getMinHeight: () => 60, getValue: () => pre.textContent,
-      setValue: (v) => { pre.textContent = v; },
-    });
-    widget.serialize = false;
-    widget.pre = pre;
-  }
-  widget.pre.textContent = text;
-  node.setDirtyCanvas?.(true, true);
-}
-
 app.registerExtension({
   name: "wan-reward-lora.TrainProgress",
   setup() {
     api.addEventListener(EVENT, (e) => onTrainEvent(e.detail));
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === SCORE_NODE) {
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (output) {
-        onExecuted?.apply(this, arguments);
-        const text = output?.text;
-        if (text?.length) showScores(this, Array.isArray(text) ? text.join("\n") : String(text));
-      };
-    }
+    if (nodeData.name === SCORE_NODE) showTextOnExecuted(nodeType, "scores_view", "wan-reward-scores");
     if (nodeData.name === TRAIN_NODE) {
       const onExecuted = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (output) {

@@ -89,6 +89,89 @@ class ProbeSaveConditioning:
         return {"ui": {"text": [path]}}
 
 
+class ProbeMakeImage:
+    """An IMAGE batch no core node makes: ``channels`` channels, or a NaN in frame ``nan_frame`` (-1: none)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"frames": ("INT", {"default": 2, "min": 0}), "channels": ("INT", {"default": 3, "min": 1}),
+                             "nan_frame": ("INT", {"default": -1, "min": -1})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, frames, channels, nan_frame):
+        import torch
+
+        images = torch.rand(frames, 32, 32, channels, generator=torch.Generator().manual_seed(0))
+        if 0 <= nan_frame < frames:
+            images[nan_frame, 0, 0, 0] = float("nan")
+        return (images,)
+
+
+class ProbeSaveLatent:
+    """Writes a LATENT's samples (and its batch_index, in the metadata) to the output folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "filename": ("STRING", {"default": "latent"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, samples, filename):
+        import json
+
+        path = os.path.join(folder_paths.get_output_directory(), os.path.basename(filename) + ".safetensors")
+        save_file({"samples": samples["samples"].float().contiguous()}, path,
+                  metadata={"batch_index": json.dumps(samples.get("batch_index"))})
+        return {"ui": {"text": [path]}}
+
+
+class ProbeRecordSamplingWeights:
+    """A MODEL that records, at every model call of a sampler, the sigma and one weight as the model
+    sees it then (hooks applied), with ComfyUI's percent -> sigma of the given ``percents``; written to
+    ``<output>/<filename>.safetensors`` after each call."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "module": ("STRING", {"default": "blocks.0.self_attn.q"}),
+                             "percents": ("STRING", {"default": ""}), "filename": ("STRING", {"default": "record"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "wrap"
+    CATEGORY = "testing"
+
+    def wrap(self, model, module, percents, filename):
+        import json
+
+        import comfy.patcher_extension
+        import comfy.utils
+
+        path = os.path.join(folder_paths.get_output_directory(), os.path.basename(filename) + ".safetensors")
+        records = {"sigmas": [], "weights": []}
+
+        def wrapper(executor, x, t, *args, **kwargs):
+            base = executor.class_obj
+            weight = comfy.utils.get_attr(base, f"diffusion_model.{module}.weight")
+            records["sigmas"].append(float(t.flatten()[0]))
+            records["weights"].append(weight.detach().float().cpu().clone())
+            thresholds = {p: float(base.model_sampling.percent_to_sigma(float(p))) for p in percents.split(",") if p}
+            save_file({f"weight_{i}": w for i, w in enumerate(records["weights"])}, path,
+                      metadata={"sigmas": json.dumps(records["sigmas"]), "thresholds": json.dumps(thresholds)})
+            return executor(x, t, *args, **kwargs)
+
+        patched = model.clone()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "probe_record", wrapper)
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {"ProbeSaveModelWeights": ProbeSaveModelWeights,
                        "ProbeTinyUMT5Clip": ProbeTinyUMT5Clip,
-                       "ProbeSaveConditioning": ProbeSaveConditioning}
+                       "ProbeSaveConditioning": ProbeSaveConditioning,
+                       "ProbeMakeImage": ProbeMakeImage,
+                       "ProbeSaveLatent": ProbeSaveLatent,
+                       "ProbeRecordSamplingWeights": ProbeRecordSamplingWeights}

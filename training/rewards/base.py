@@ -23,6 +23,7 @@ class RewardModel(torch.nn.Module):
 
     name: str = "reward"
     prompt_cache_size: int = 64
+    needs_prompt: bool = True  # False: the score ignores the prompt (the aesthetic predictor)
 
     def __init__(self, preprocess: str = "reference"):
         super().__init__()
@@ -71,9 +72,8 @@ class RewardModel(torch.nn.Module):
     def score(self, frames: torch.Tensor, prompts, preprocess: str | None = None) -> torch.Tensor:
         """Scores [B] (float32) of each frame against its prompt (one prompt is broadcast)."""
         check_frames(frames)
-        prompts = check_prompts(prompts, frames.shape[0])
         mode = check_mode(preprocess or self.preprocess)
-        features = self._cached_prompt_features(prompts)
+        features = self._cached_prompt_features(check_prompts(prompts, frames.shape[0])) if self.needs_prompt else ()
         frames = rgb(frames).to(self.device, torch.float32)
         return self._score_pixels(frames, features, mode).float()
 

@@ -14,8 +14,14 @@ import torch
 
 from .base import RewardModel
 from .cross_model import CrossModel
+from .hf_clip import (
+    LAION_VIT_H_14_CLIP_CONFIG,
+    build_hf_clip,
+    fill_position_ids,
+    infer_clip_config,
+)
 from .preprocess import normalize, resize_short_side_and_crop, rgb, squash
-from .shapes import count_blocks, text_heads, vision_heads
+from .shapes import count_blocks
 from .tokenizers import mps_tokenize
 
 CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, "
@@ -24,56 +30,18 @@ MPS_VARIANTS = {"official": {"threshold": 0.3, "logit_scale": True},
                 "seed": {"threshold": 0.01, "logit_scale": False}}
 MPS_MARKER_KEYS = ("model.vision_model.embeddings.patch_embedding.weight", "cross_model.layers.0.0.fn.to_q.weight")
 
-# laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json (MIT), the fields CLIPModel uses.
-LAION_VIT_H_14_CLIP_CONFIG = {
-    "projection_dim": 1024,
-    "logit_scale_init_value": 2.6592,
-    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                    "num_attention_heads": 16, "max_position_embeddings": 77, "vocab_size": 49408,
-                    "hidden_act": "gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2,
-                    "pad_token_id": 1},
-    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                      "num_attention_heads": 16, "patch_size": 14, "image_size": 224, "num_channels": 3,
-                      "hidden_act": "gelu", "layer_norm_eps": 1e-5},
-}
 CROSS_MODEL_CONFIG = {"dim": 1024, "layers": 4, "dim_head": 64, "heads": 16, "ff_mult": 4}
 
 
 def infer_mps_config(state_dict) -> tuple[dict, dict]:
     """(HF CLIPConfig kwargs, cross-model kwargs) from tensor shapes; equals the laion config for the real file."""
-    text, vision = "model.text_model.", "model.vision_model."
-    tok = state_dict[text + "embeddings.token_embedding.weight"]
-    patch = state_dict[vision + "embeddings.patch_embedding.weight"]
-    positions = state_dict[vision + "embeddings.position_embedding.weight"].shape[0] - 1
-    grid = int(round(positions ** 0.5))
-    text_width, vision_width = int(tok.shape[1]), int(patch.shape[0])
-    clip = {
-        "projection_dim": int(state_dict["model.text_projection.weight"].shape[0]),
-        "logit_scale_init_value": 2.6592,
-        "text_config": dict(LAION_VIT_H_14_CLIP_CONFIG["text_config"], hidden_size=text_width,
-                            intermediate_size=int(state_dict[text + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                            num_hidden_layers=count_blocks(state_dict, text + "encoder.layers."),
-                            num_attention_heads=text_heads(text_width),
-                            max_position_embeddings=int(state_dict[text + "embeddings.position_embedding.weight"].shape[0]),
-                            vocab_size=int(tok.shape[0])),
-        "vision_config": dict(LAION_VIT_H_14_CLIP_CONFIG["vision_config"], hidden_size=vision_width,
-                              intermediate_size=int(state_dict[vision + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                              num_hidden_layers=count_blocks(state_dict, vision + "encoder.layers."),
-                              num_attention_heads=vision_heads(vision_width), patch_size=int(patch.shape[-1]),
-                              image_size=grid * int(patch.shape[-1])),
-    }
+    clip = infer_clip_config(state_dict, prefix="model.")
     to_q = state_dict["cross_model.layers.0.0.fn.to_q.weight"]
     dim_head = int(state_dict["cross_model.layers.0.0.fn.to_kv.weight"].shape[0]) // 2
     cross = {"dim": int(to_q.shape[1]), "layers": count_blocks(state_dict, "cross_model.layers."),
              "dim_head": dim_head, "heads": int(to_q.shape[0]) // dim_head,
              "ff_mult": int(state_dict["cross_model.layers.0.0.fn.ff.0.weight"].shape[0]) // (2 * int(to_q.shape[1]))}
     return clip, cross
-
-
-def build_hf_clip(config: dict):
-    from transformers import CLIPConfig, CLIPModel
-
-    return CLIPModel(CLIPConfig(**config))
 
 
 class MPSNetwork(torch.nn.Module):
@@ -146,21 +114,11 @@ class MPSRewardModel(RewardModel):
         return cosine
 
 
-def _fill_position_ids(network) -> list[str]:
-    """HF CLIP's ``position_ids`` buffers (not in checkpoints since transformers 4.31)."""
-    filled = []
-    for name, buffer in network.named_buffers():
-        if name.endswith("embeddings.position_ids"):
-            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-            filled.append(name)
-    return filled
-
-
 def build_mps(state_dict, variant: str | None = None, preprocess: str = "reference") -> MPSRewardModel:
     """Build the model for ``state_dict`` (keys ``model.*`` and ``cross_model.*``) and load it strictly."""
     from .registry import build_uninitialised, load_strict
 
     clip_config, cross_config = infer_mps_config(state_dict)
-    network = build_uninitialised(lambda: MPSNetwork(clip_config, cross_config), _fill_position_ids)
+    network = build_uninitialised(lambda: MPSNetwork(clip_config, cross_config), fill_position_ids)
     load_strict(network, state_dict, "MPS (HF CLIPModel + cross model)")
     return MPSRewardModel(network, clip_config, cross_config, variant or "official", preprocess)

@@ -36,12 +36,36 @@ def check_frames(frames, what: str = "frames") -> None:
         low, high = torch.aminmax(frames.detach().float())
         low, high = float(low), float(high)
     if low != low or high != high:
-        raise ValueError(f"{what} contain NaN values")
+        bad = torch.isnan(frames.detach().flatten(1)).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{what} has NaN values (in frames {bad[:8]}{' ...' if len(bad) > 8 else ''}): the node that "
+                         "made them failed (e.g. a VAE decode in fp16 that overflowed)")
     if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
         raise ValueError(
             f"{what} must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] "
             "(decoded VAE output in [-1, 1] needs (x + 1) / 2; 0..255 needs / 255)"
         )
+
+
+def comfy_image_to_frames(images, name: str = "images") -> torch.Tensor:
+    """A ComfyUI IMAGE batch [B, H, W, C] (C = 3 RGB or 4 RGBA, floats in [0, 1]) as frames
+    [B, C, H, W], checked whole; ValueError naming the input ``name`` and what it holds."""
+    layout = "ComfyUI's IMAGE layout is [B, H, W, C] with C = 3 (RGB) or 4 (RGBA), floats in [0, 1]"
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be an IMAGE batch ({layout}), got {type(images).__name__}")
+    shape = tuple(images.shape)
+    if images.ndim != 4:
+        raise ValueError(f"{name} must be an IMAGE batch ({layout}), got a tensor of shape {list(shape)}")
+    if shape[-1] not in (3, 4):
+        if shape[1] in (3, 4):
+            raise ValueError(f"{name} has shape {list(shape)}: channels first ([B, C, H, W]); {layout}. The node "
+                             "that made it returns another layout: move the channels last (permute(0, 2, 3, 1))")
+        raise ValueError(f"{name} has {shape[-1]} channels (shape {list(shape)}); {layout}. A {shape[-1]}-channel "
+                         "image (a mask, a depth or flow map, a latent) is not a picture to score")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 frames): nothing to score; check the node that feeds it")
+    frames = images.permute(0, 3, 1, 2)
+    check_frames(frames, name)
+    return frames
 
 
 def rgb(frames: torch.Tensor) -> torch.Tensor:
@@ -78,17 +102,24 @@ def resize_long_side_and_pad(frames: torch.Tensor, size: int = 224) -> torch.Ten
     return frames
 
 
-def resize_short_side_and_crop(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """CLIPImageProcessor (transformers 4.27, MPS reference): short side to ``size`` (long side
-    floored), then centre crop with ``top = (H - size) // 2``. Tensor bicubic with antialias
-    approximates the reference's PIL resize (mean difference about 0.3/255)."""
+def resize_short_side_and_crop(frames: torch.Tensor, size: int = 224, crop_top: str = "floor") -> torch.Tensor:
+    """Short side to ``size`` (long side floored), then a centre crop: CLIPImageProcessor
+    (transformers; MPS and PickScore) puts the crop at ``(H - size) // 2`` (``crop_top="floor"``),
+    torchvision's CenterCrop (OpenAI CLIP; the aesthetic predictor) at ``round((H - size) / 2)``
+    (``crop_top="round"``). Tensor bicubic with antialias approximates the references' PIL
+    resize (mean difference about 0.3/255)."""
     height, width = frames.shape[-2:]
     if height <= width:
         new = (size, int(size * width / height))
     else:
         new = (int(size * height / width), size)
     frames = _bicubic(frames, new)
-    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    if crop_top == "floor":
+        top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    elif crop_top == "round":
+        top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    else:
+        raise ValueError(f"crop_top must be 'floor' or 'round', got {crop_top!r}")
     return frames[..., top:top + size, left:left + size]
 
 

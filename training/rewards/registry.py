@@ -1,4 +1,4 @@
-"""``load_reward_model``: read a checkpoint safely, tell HPS from MPS by its keys, load strictly."""
+"""``load_reward_model``: read a checkpoint safely, tell its kind (HPS, MPS, PickScore, aesthetic) by its keys, load strictly."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ EXPECTED_FILES = (
     "on ModelScope; RE-N-Y/hpsv21 model.safetensors on Hugging Face)\n"
     "  MPS: a state-dict conversion of MPS_overall_checkpoint.pth (github.com/Kwai-Kolors/MPS; no stated "
     "licence, download it yourself): VideoX-Fun's MPS_overall.pth, RE-N-Y/mpsv1 model.safetensors, or "
-    "MPS_overall_checkpoint_diffsynth.safetensors"
+    "MPS_overall_checkpoint_diffsynth.safetensors\n"
+    "  PickScore: model.safetensors of https://huggingface.co/yuvalkirstain/PickScore_v1 (MIT), renamed e.g. "
+    "PickScore_v1.safetensors\n"
+    "  LAION aesthetic predictor v2: sac+logos+ava1-l14-linearMSE.pth (github.com/christophschuhmann/"
+    "improved-aesthetic-predictor, Apache-2.0) joined with the CLIP ViT-L/14 encoder (model.safetensors of "
+    "https://huggingface.co/openai/clip-vit-large-patch14, MIT) by "
+    "`python -m training.rewards.convert_aesthetic MLP.pth CLIP.safetensors laion_aesthetic_v2.safetensors`"
 )
+REWARD_KINDS = ("hps", "mps", "pickscore", "aesthetic")
 _PREFIXES = ("module.", "model.", "mps.")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # Every file suffix the loader reads (compared in lower case); the node's dropdown lists only these.
@@ -82,16 +89,20 @@ def _strip_prefixes(state_dict: dict) -> dict:
     return state_dict
 
 
+def _has(state_dict, keys) -> bool:
+    return all(k in state_dict for k in keys)
+
+
 def _is_hps(state_dict) -> bool:
     from .hps import HPS_MARKER_KEYS
 
-    return all(k in state_dict for k in HPS_MARKER_KEYS)
+    return _has(state_dict, HPS_MARKER_KEYS)
 
 
 def _is_mps(state_dict) -> bool:
     from .mps import MPS_MARKER_KEYS
 
-    return all(k in state_dict for k in MPS_MARKER_KEYS)
+    return _has(state_dict, MPS_MARKER_KEYS)
 
 
 def describe_keys(state_dict, limit: int = 6) -> str:
@@ -101,26 +112,43 @@ def describe_keys(state_dict, limit: int = 6) -> str:
 
 
 def detect_kind(state_dict) -> str:
-    """'hps' or 'mps' from the keys; UserFileError naming what was found otherwise."""
+    """'hps', 'mps', 'pickscore' or 'aesthetic' from the keys; UserFileError naming what was found otherwise."""
+    from .aesthetic import AESTHETIC_MARKER_KEYS, is_mlp_only
+    from .pickscore import PICKSCORE_MARKER_KEYS
+
     if _is_hps(state_dict):
         return "hps"
     if _is_mps(state_dict):
         return "mps"
+    if _has(state_dict, AESTHETIC_MARKER_KEYS):
+        return "aesthetic"
+    if _has(state_dict, PICKSCORE_MARKER_KEYS):
+        return "pickscore"
+    if is_mlp_only(state_dict):
+        raise UserFileError(
+            "this is the LAION aesthetic predictor's MLP alone (" + describe_keys(state_dict) + "); it scores CLIP "
+            "ViT-L/14 image embeddings, so it needs that encoder too. Join the two files once: "
+            "`python -m training.rewards.convert_aesthetic sac+logos+ava1-l14-linearMSE.pth "
+            "clip-vit-large-patch14.safetensors laion_aesthetic_v2.safetensors` (the CLIP file: model.safetensors of "
+            "openai/clip-vit-large-patch14) and choose the joined file.")
     hint = ""
     if any(k.startswith("vision_model.") or k.startswith("text_model.") for k in state_dict):
-        hint = (" It looks like a transformers CLIPModel without the MPS cross model (for example an HF "
-                "conversion of HPS or plain CLIP): HPS must be the open_clip layout (visual.*, transformer.*).")
+        hint = (" It looks like part of a transformers CLIP model (PickScore needs both towers, their projections "
+                "and logit_scale; MPS also its cross_model.*): HPS must be the open_clip layout (visual.*, "
+                "transformer.*).")
     elif any("diffusion" in k or k.startswith("blocks.") or "lora" in k for k in state_dict):
         hint = " It looks like a diffusion model or LoRA, which belongs in another model folder."
     raise UserFileError(
         "not an HPS v2.1 (open_clip CLIP: visual.conv1.weight, token_embedding.weight, text_projection) nor an "
-        "MPS (model.vision_model.*, cross_model.layers.*) state dict: found " + describe_keys(state_dict) + "." + hint
+        "MPS (model.vision_model.*, cross_model.layers.*), PickScore (transformers CLIPModel: text_model.*, "
+        "vision_model.*, text_projection, visual_projection, logit_scale) or aesthetic predictor (vision_model.*, "
+        "visual_projection, mlp.layers.*) state dict: found " + describe_keys(state_dict) + "." + hint
     )
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """'hps' or 'mps' from a checkpoint's keys, without reading its tensors where the format
-    allows (a safetensors header; a zip checkpoint memory-mapped). UserFileError names the file."""
+    """The kind (``REWARD_KINDS``) from a checkpoint's keys, without reading its tensors where the
+    format allows (a safetensors header; a zip checkpoint memory-mapped). UserFileError names the file."""
     index = safe_io.tensor_index(path, "reward model checkpoint", hint=EXPECTED_FILES,
                                  read_pickle=lambda p, kind: _read_torch_pickle(p, kind, mmap=True))
     try:
@@ -174,27 +202,41 @@ def _shape_error(path, kind, exc) -> UserFileError:
 
 def load_reward_model(path, device="cpu", dtype=torch.float32, variant: str | None = None,
                       preprocess: str = "reference", *, mps_variant_only: bool = False) -> RewardModel:
-    """Load HPS v2.1 or MPS from ``path`` (detected from the keys), frozen, in eval mode.
+    """Load HPS v2.1, MPS, PickScore or the aesthetic predictor from ``path`` (detected from the
+    keys), frozen, in eval mode.
 
-    ``variant`` applies to MPS only: "official" (default) or "seed"; for an HPS file a
+    ``variant`` applies to MPS only: "official" (default) or "seed"; for another file a
     non-official variant is an error unless ``mps_variant_only`` (a UI that always passes
     its MPS variant choice): then it is ignored. ``preprocess``: "reference" or "squash"
     (also selectable per ``score`` call).
     """
     state_dict = _strip_prefixes(read_state_dict(path))
-    kind = detect_kind(state_dict)
+    try:
+        kind = detect_kind(state_dict)
+    except UserFileError as exc:
+        raise UserFileError(f"{Path(path).name}: {exc}") from None
+    if variant not in (None, "official") and kind != "mps" and not mps_variant_only:
+        raise ValueError(f"variant {variant!r} applies to MPS only; {Path(path).name} is {kind}")
     try:
         if kind == "hps":
-            if variant not in (None, "official") and not mps_variant_only:
-                raise ValueError(f"variant {variant!r} applies to MPS only; {Path(path).name} is HPS v2.1")
             from .hps import build_hps
 
             model = build_hps(state_dict, preprocess)
-        else:
+        elif kind == "mps":
             from .mps import build_mps
 
             model = build_mps(_clean_mps(state_dict), variant, preprocess)
-    except (KeyError, RuntimeError) as exc:
+        elif kind == "pickscore":
+            from .pickscore import build_pickscore
+
+            model = build_pickscore(state_dict, preprocess)
+        else:
+            from .aesthetic import build_aesthetic
+
+            model = build_aesthetic(state_dict, preprocess)
+    except UserFileError as exc:
+        raise UserFileError(f"{Path(path).name}: {exc}") from None
+    except (KeyError, RuntimeError, ValueError) as exc:
         raise _shape_error(path, kind, exc) from exc
     model.source_path = str(path)
     return model.to(device=device, dtype=dtype)

@@ -37,6 +37,26 @@ def select_frames(count: int, selection: str, n: int = 1) -> list[int]:
     raise ValueError(f"frame selection must be one of {FRAME_SELECTIONS}, got {selection!r}")
 
 
+def split_videos(frames: torch.Tensor, frames_per_video: int, name: str = "images") -> list[torch.Tensor]:
+    """A batch of N videos of ``frames_per_video`` frames each, in batch order (video-major, as a
+    VAE decode of a latent batch of N gives them); 0 = one video. ValueError naming ``name``."""
+    if frames_per_video <= 0:
+        return [frames]
+    count = frames.shape[0]
+    if count % frames_per_video:
+        raise ValueError(f"{name} has {count} frames, not a whole number of videos of frames_per_video = "
+                         f"{frames_per_video} frames; set frames_per_video to the frames of one video (the length "
+                         "of the latent video, e.g. 81), or 0 for a single video")
+    return list(frames.split(frames_per_video))
+
+
+def video_summary(reports: list[dict]) -> dict:
+    """Per-video means and the best video of one model's reports (one per video of a batch)."""
+    means = [r["mean"] for r in reports]
+    best = int(np.argmax(means))
+    return {"video_means": means, "best_video": best, "best_video_mean": means[best], "mean": float(np.mean(means))}
+
+
 def score_frames(model: RewardModel, frames: torch.Tensor, prompt: str, batch_size: int = 8,
                  preprocess: str | None = None) -> list[float]:
     """Scores of each frame [T, 3, H, W] against one prompt, in chunks, without gradients."""

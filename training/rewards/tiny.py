@@ -1,4 +1,4 @@
-"""Tiny HPS and MPS checkpoints: the real architectures and file layouts, random weights.
+"""Tiny HPS, MPS, PickScore and aesthetic checkpoints: the real architectures and file layouts, random weights.
 
 For tests and the CPU demo. ``load_reward_model`` infers these configs from the
 shapes, exactly as it does for the real ViT-H-14 files.
@@ -67,3 +67,48 @@ def write_tiny_mps_checkpoint(path: str | os.PathLike, seed: int = 0) -> str:
     if str(path).endswith(".safetensors"):
         return str(save_safetensors(state_dict, path))
     return str(torch_save(state_dict, path))
+
+
+# PickScore: a transformers CLIPModel (the tiny MPS CLIP configuration, without the cross model).
+TINY_PICKSCORE_CONFIG = TINY_MPS_CLIP_CONFIG
+# Aesthetic predictor: an OpenAI-style CLIP vision tower (quick GELU) and the MLP's layer layout.
+TINY_AESTHETIC_VISION_CONFIG = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "patch_size": 32, "image_size": 224, "num_channels": 3,
+                                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 64}
+TINY_AESTHETIC_MLP_SIZES = {0: (128, 64), 2: (32, 128), 4: (16, 32), 6: (8, 16), 7: (1, 8)}
+
+
+def tiny_pickscore_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    from .hf_clip import build_hf_clip
+
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in build_hf_clip(TINY_PICKSCORE_CONFIG).state_dict().items()
+            if not k.endswith("position_ids")}
+
+
+def tiny_aesthetic_mlp_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The released predictor file's layout (``layers.N.weight/bias``) at a tiny size."""
+    from .aesthetic import AestheticMLP
+
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in AestheticMLP(TINY_AESTHETIC_MLP_SIZES).state_dict().items()}
+
+
+def tiny_aesthetic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The joined file (vision tower, projection, ``mlp.layers.*``) at a tiny size."""
+    from .aesthetic import MLP_PREFIX
+    from .hf_clip import build_hf_clip_vision
+
+    torch.manual_seed(seed)
+    vision = build_hf_clip_vision(TINY_AESTHETIC_VISION_CONFIG).state_dict()
+    mlp = tiny_aesthetic_mlp_state_dict(seed + 1)
+    return {**{k: v.detach().clone() for k, v in vision.items() if not k.endswith("position_ids")},
+            **{MLP_PREFIX + k: v for k, v in mlp.items()}}
+
+
+def write_tiny_pickscore_checkpoint(path: str | os.PathLike, seed: int = 0) -> str:
+    return str(save_safetensors(tiny_pickscore_state_dict(seed), path))
+
+
+def write_tiny_aesthetic_checkpoint(path: str | os.PathLike, seed: int = 0) -> str:
+    return str(save_safetensors(tiny_aesthetic_state_dict(seed), path))

@@ -1,4 +1,4 @@
-"""Prompt tokenizers for HPS (open_clip's SimpleTokenizer) and MPS (an HF CLIP tokenizer).
+"""Prompt tokenizers for HPS (open_clip's SimpleTokenizer), MPS and PickScore (an HF CLIP tokenizer).
 
 Both use the CLIP BPE vocabulary that ships inside open_clip: nothing is downloaded.
 HPS cleans text with ftfy + HTML unescaping and pads with 0; MPS (HF fast tokenizer)
@@ -80,7 +80,12 @@ def mps_tokenizer():
         return CLIPTokenizerFast.from_pretrained(folder, model_max_length=CONTEXT_LENGTH, local_files_only=True)
 
 
-def mps_tokenize(prompts: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """As the MPS reference calls it: pad to max length with 49407, truncate to 77."""
+def laion_tokenize(prompts: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """The laion ViT-H-14 HF tokenizer as the MPS reference calls it: pad to max length with 49407,
+    truncate to 77. PickScore's reference pads to the longest prompt instead; the EOS features are
+    the same (causal attention: the padding after the EOS token is never attended to)."""
     return mps_tokenizer()(list(prompts), max_length=context_length, padding="max_length",
                            truncation=True, return_tensors="pt").input_ids.long()
+
+
+mps_tokenize = laion_tokenize

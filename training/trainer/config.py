@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-REWARD_MODELS = ("hps", "mps")
+REWARD_MODELS = ("hps", "mps", "pickscore", "aesthetic")  # rewards/registry.py REWARD_KINDS
 # MPS variants: "official" scorer (threshold 0.3, ~100 x cosine) or the reference's training reward
 # (threshold 0.01, plain cosine); "seed" is the old name of "videox_fun"
 REWARD_VARIANTS = ("official", "videox_fun")
@@ -123,7 +123,7 @@ class TrainConfig:
     negative_prompt: str = _prompts("", "str", "the reference trains with an empty negative prompt")
     validation_prompts: list[str] = _prompts(list, "str_list", "held-out prompts (never trained on)")
     validation_prompts_file: str | None = _prompts(None, "path?", "a text file of validation prompts")
-    rewards: list[RewardSpec] = _rewards(list, "rewards", "[{model: hps|mps, path, weight: 1.0, variant: "
+    rewards: list[RewardSpec] = _rewards(list, "rewards", "[{model: hps|mps|pickscore|aesthetic, path, weight: 1.0, variant: "
                                        "official|videox_fun (MPS), preprocess: reference|squash}]; loss = "
                                        "sum_i w_i (1 - reward_i) / sum_i w_i", required=True)
     held_out_rewards: list[RewardSpec] = _rewards(list, "rewards", "the same form, scored on validation only, never "
