@@ -78,6 +78,12 @@ def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint"):
     path = Path(path)
     if not path.is_file():
         raise UserFileError(f"{what} not found: {path}")
+    from .torch_file_check import torch_file_problem
+
+    problem = torch_file_problem(path)  # e.g. claims of data the file does not hold: before allocating
+    if problem:
+        raise UserFileError(f"{what} {path.name} is not a readable checkpoint: {problem}. It may be truncated, "
+                            "corrupt or not a PyTorch file: download it again and compare its size with the source.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
@@ -110,13 +116,16 @@ def _code_in_pickle(path: Path) -> str | tuple[str] | None:
     them, never runs them): the first global outside torch that a complete pickle refers to
     (str); (why the stream is unreadable,); or None when it reads with no such global."""
     data = path.read_bytes()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            members = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            if not members:
-                return ("a zip archive without data.pkl",)
-            data = archive.read(members[0])
-    elif data.startswith(b"PK\x03\x04"):
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not members:
+                    return ("a zip archive without data.pkl",)
+                data = archive.read(members[0])
+    except Exception as exc:  # BadZipFile, NotImplementedError (odd zip versions), OSError, ...
+        return (f"a damaged zip archive ({str(exc)[:120]})",)
+    if data.startswith(b"PK\x03\x04"):
         return ("a zip archive (PyTorch's format) whose end is missing or damaged",)
     strings: list[str] = []
     code = None

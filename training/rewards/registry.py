@@ -11,6 +11,7 @@ import torch
 
 from .. import safe_io
 from ..safe_io import UserFileError
+from ..torch_file_check import torch_file_problem
 from .base import RewardModel
 
 EXPECTED_FILES = (
@@ -35,6 +36,9 @@ def _corrupt(path: Path, what: str, exc: BaseException) -> UserFileError:
 
 def _read_torch_pickle(path: Path, kind: str):
     """Weights-only load; only a pickle that names code goes on to the restricted module reader."""
+    problem = torch_file_problem(path)  # e.g. claims of data the file does not hold: before allocating
+    if problem:
+        raise _corrupt(path, "PyTorch checkpoint", ValueError(problem))
     if kind == "torch-zip" and not zipfile.is_zipfile(path):
         raise _corrupt(path, "PyTorch checkpoint", ValueError("the zip archive has no central directory"))
     try:
@@ -123,11 +127,17 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     if path.is_file() and safe_io.file_format(path) == "safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as handle:
-            keys = dict.fromkeys(handle.keys())
+        try:
+            with safe_open(str(path), "pt") as handle:
+                keys = dict.fromkeys(handle.keys())
+        except Exception as exc:  # SafetensorError, OSError
+            raise _corrupt(path, "safetensors file", exc) from None
     else:
         keys = read_state_dict(path)
-    return detect_kind(_strip_prefixes(keys))
+    try:
+        return detect_kind(_strip_prefixes(keys))
+    except UserFileError as exc:
+        raise UserFileError(f"reward model checkpoint {path}: {exc}") from None
 
 
 def load_strict(module: torch.nn.Module, state_dict, what: str) -> None:
