@@ -14,7 +14,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..training.safe_io import UserFileError, write_text
+from ..training.safe_io import DiskFullError, UserFileError, write_text
 from ..training.trainer.config import ConfigError, config_from_dict, dump_config
 from ..training.trainer.curves import final_scores_text, plot_training_curve, run_events
 from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, TrainerProcess, build_command, build_env,
@@ -345,7 +345,7 @@ class WanRewardLoraTrain(io.ComfyNode):
             raise RuntimeError(f"the trainer finished but its LoRA {source} is missing; see {run_dir / 'train.log'}")
         try:
             publish_lora(source, cls._lora_target(name), run_dir)
-        except LaunchError as exc:
+        except (LaunchError, DiskFullError) as exc:
             raise RuntimeError(f"{exc} (the trained LoRA is kept at {source})") from None
         return f"{name}.safetensors"
 

@@ -338,16 +338,30 @@ class TrainerProcess:
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                event = parse_event(line)
-                if event is not None:
-                    self.events.append(event)
-                    self._queue.put(event)
-                elif line.strip():
-                    self._tail.append(line.rstrip("\n"))
+        try:
+            log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below or on a write error)
+        except OSError as exc:
+            log = self._log_failed(exc, None)
+        for line in self.process.stdout:
+            if log is not None:
+                try:
+                    log.write(line)
+                    log.flush()
+                except OSError as exc:  # a full disk: keep reading, or the trainer blocks on a full pipe
+                    log = self._log_failed(exc, log)
+            event = parse_event(line)
+            if event is not None:
+                self.events.append(event)
+                self._queue.put(event)
+            elif line.strip():
+                self._tail.append(line.rstrip("\n"))
+        if log is not None:
+            _close_quietly(log)
+
+    def _log_failed(self, exc: OSError, log) -> None:
+        self._tail.append(f"[{self.log_path} could not be written ({exc}); the log stops here]")
+        if log is not None:
+            _close_quietly(log)
 
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -483,6 +497,13 @@ def _stop_running_trainers() -> None:
         while run.group_alive() and time.monotonic() < deadline:
             run._signal_tree(signal.SIGKILL)
             time.sleep(0.1)
+
+
+def _close_quietly(handle) -> None:
+    try:
+        handle.close()
+    except OSError:  # flushing into a full disk
+        pass
 
 
 def _alive(proc: psutil.Process) -> bool:

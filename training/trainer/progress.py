@@ -72,9 +72,14 @@ class Progress:
         line = json.dumps(record, default=_jsonable)
         print(line, file=self.stream, flush=True)
         if self.metrics is not None:
-            self.metrics.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+            try:
+                self.metrics.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.metrics, "a", encoding="utf-8") as handle:
+                    handle.write(line + "\n")
+            except OSError as exc:  # a full disk: the events still reach stdout (and the node)
+                print(f"warning: {self.metrics} could not be written ({exc}); no more metrics are logged there",
+                      file=sys.stderr, flush=True)
+                self.metrics = None
         return record
 
 

@@ -1,0 +1,205 @@
+"""Faults that lose nothing: the disk fills while a checkpoint is written, the process publishing
+the LoRA is killed mid-copy, ComfyUI dies while a run holds its lock."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training.demo import write_tiny_run
+from training.trainer import cli
+from training.trainer.checkpoint import checkpoints_dir, latest_checkpoint
+from training.trainer.progress import EXIT_ERROR, EXIT_OK, parse_events
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the disk fills while a checkpoint is written -------------------------------------------------
+
+def _run(config: Path, steps: int) -> tuple[int, list[dict]]:
+    """The trainer's command line, in this process: (exit code, events)."""
+    data = yaml.safe_load(config.read_text())
+    data["max_steps"] = steps
+    config.write_text(yaml.safe_dump(data))
+    out = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["--config", str(config)])
+    finally:
+        torch.set_num_threads(threads)
+    return code, parse_events(out.getvalue())
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(output: Path) -> list[str]:
+    """Temporary files or folders a failed save could leave where a resume would look."""
+    return [str(p) for p in output.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")]
+
+
+def _enospc_in(marker: str, real):
+    """``real`` (a writer taking (..., path)) that, for paths containing ``marker``, writes half of its
+    output and then fails as a full disk does."""
+    def write(*args, **kwargs):
+        path = str(args[1] if len(args) > 1 else kwargs.get("filename", kwargs.get("f")))
+        real(*args, **kwargs)
+        if marker in path:
+            with open(path, "r+b") as handle:
+                handle.truncate(os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return write
+
+
+@pytest.mark.parametrize("failing", ["trainer state", "lora"])
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resumes(tmp_path, monkeypatch, failing):
+    config = write_tiny_run(tmp_path, validation_every=0, checkpoint_every=1, checkpoints_keep=3,
+                            inference_steps=4, backprop_steps=1, output_dir=str(tmp_path / "run"))
+    output = tmp_path / "run"
+    assert _run(config, 1)[0] == EXIT_OK
+    step_one = checkpoints_dir(output) / "step-000001"
+    before = _snapshot(step_one)
+    lora = output / "tiny_reward_lora.safetensors"
+    lora_before = lora.read_bytes()
+
+    from training import safe_io
+    if failing == "lora":  # safetensors' writer, as save_safetensors calls it
+        monkeypatch.setattr(safe_io, "save_file", _enospc_in(".tmp-step-000002", safe_io.save_file))
+    else:
+        monkeypatch.setattr(torch, "save", _enospc_in(".tmp-step-000002", torch.save))
+    code, events = _run(config, 2)
+    monkeypatch.undo()
+
+    assert code == EXIT_ERROR
+    error = next(e for e in events if e["event"] == "error")
+    message = error["message"]
+    assert message.startswith("DiskFullError: disk full: checkpoint step 2 could not be saved (no space left in "
+                              f"{checkpoints_dir(output)};"), message
+    assert f"The last complete checkpoint, step 1 ({step_one})" in message
+    assert "with resume on and training continues from step 1" in message
+    assert latest_checkpoint(output) == step_one
+    assert _snapshot(step_one) == before and lora.read_bytes() == lora_before  # nothing lost, nothing half-written
+    assert _leftovers(output) == []
+
+    code, events = _run(config, 2)  # space freed: the resume continues from the last checkpoint
+    assert code == EXIT_OK
+    assert events[0]["step"] == 1 and events[0]["resumed_from"] == str(step_one)
+    assert events[-1]["event"] == "finished" and events[-1]["step"] == 2
+    assert latest_checkpoint(output).name == "step-000002"
+
+
+# A real full disk: a small tmpfs in a user and mount namespace (no root needed where the kernel
+# allows unprivileged namespaces), so the real writers fail as they do (torch.save's "unexpected
+# pos" names no cause; safetensors says "No space left on device (os error 28)").
+FULL_DISK_SCRIPT = textwrap.dedent("""
+    import contextlib, io, json, os, sys
+    sys.path.insert(0, sys.argv[3])
+    import torch, yaml
+    from pathlib import Path
+    from training.demo import write_tiny_run
+    from training.trainer import cli
+    from training.trainer.checkpoint import latest_checkpoint
+    from training.trainer.progress import parse_events
+
+    disk, models = Path(sys.argv[1]), Path(sys.argv[2])
+    output = disk / "run"
+    config = write_tiny_run(models, validation_every=0, checkpoint_every=1, inference_steps=4, backprop_steps=1,
+                            output_dir=str(output))
+    torch.set_num_threads(1)
+
+    def run(steps):
+        data = yaml.safe_load(config.read_text())
+        data["max_steps"] = steps
+        config.write_text(yaml.safe_dump(data))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["--config", str(config)])
+        return code, parse_events(out.getvalue())
+
+    def leave_free(nbytes):  # fill the disk, then give back nbytes
+        filler = disk / "filler"
+        with open(filler, "ab") as handle:
+            try:
+                while True:
+                    handle.write(b"x" * 65536)
+                    handle.flush()
+            except OSError:
+                pass
+        with open(filler, "ab") as handle:
+            handle.truncate(max(0, filler.stat().st_size - nbytes))
+
+    def state():
+        latest = latest_checkpoint(output)
+        files = sorted(str(p.relative_to(output)) for p in output.rglob("*"))
+        lora = output / "tiny_reward_lora.safetensors"
+        return {"latest": latest.name if latest else None, "files": files,
+                "lora": lora.read_bytes().hex() if lora.exists() else None}
+
+    report = {}
+    report["first"] = run(1)[0]
+    step_one = output / "checkpoints" / "step-000001"
+    sizes = {p.name: p.stat().st_size for p in step_one.iterdir()}
+    report["sizes"] = sizes
+    report["before"] = state()
+    for name, free in (("trainer state", (sizes["lora.safetensors"] + sizes["trainer-rank0.pt"]) // 2 + 8192),
+                       ("lora", sizes["lora.safetensors"] // 2)):
+        leave_free(free)
+        code, events = run(2)
+        report[name] = {"code": code, "errors": [e["message"] for e in events if e["event"] == "error"],
+                        "after": state()}
+        (disk / "filler").unlink()
+    code, events = run(2)
+    report["resumed"] = {"code": code, "started": events[0], "last": events[-1]}
+    print("REPORT " + json.dumps(report))
+""")
+
+
+def _namespaces_work(folder: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {folder}"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def test_a_real_full_disk_during_checkpoints_loses_nothing(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _namespaces_work(disk):
+        pytest.skip("unprivileged user and mount namespaces (unshare -rm) are not available for a tmpfs")
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_SCRIPT)
+    command = (f"mount -t tmpfs -o size=3m tmpfs {disk} && exec {sys.executable} {script} {disk} "
+               f"{tmp_path / 'models'} {ROOT}")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True, timeout=240,
+                            check=False)
+    assert result.returncode == 0 and "REPORT " in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    report = json.loads(result.stdout.split("REPORT ", 1)[1])
+    assert report["first"] == EXIT_OK
+    for name in ("trainer state", "lora"):
+        case = report[name]
+        assert case["code"] == EXIT_ERROR, (name, case)
+        assert len(case["errors"]) == 1, (name, case)
+        message = case["errors"][0]
+        assert message.startswith("DiskFullError: disk full: checkpoint step 2 could not be saved (no space left in "
+                                  f"{disk / 'run' / 'checkpoints'};"), (name, message)
+        assert "The last complete checkpoint, step 1" in message and "continues from step 1" in message, message
+        assert case["after"] == report["before"], name  # the same files, the same LoRA bytes, no leftovers
+    resumed = report["resumed"]
+    assert resumed["code"] == EXIT_OK and resumed["started"]["step"] == 1
+    assert resumed["last"]["event"] == "finished" and resumed["last"]["step"] == 2
