@@ -107,6 +107,16 @@ def test_tensor_reaching_past_its_storage_is_refused(tmp_path, zipped, small_add
         read_state_dict(path)
 
 
+def test_non_zip_file_read_as_a_pickle_with_a_huge_length_is_refused(tmp_path, small_address_space):
+    """torch.load reads any file that is not a zip as a pickle: 'X' + 4 length bytes asks it to
+    read a 1 GiB string (found: a zip LoRA whose first byte was damaged)."""
+    path = tmp_path / "lora.pt"
+    path.write_bytes(b"X\x4b\x03\x44\x40" + b"\0" * 2000)
+    with pytest.raises(UserFileError, match=r"lora.pt is not a readable checkpoint: its pickle is incomplete or "
+                                            r"damaged \(expected 1078199115 bytes in a unicodestring4"):
+        read_lora(path)
+
+
 def test_zip_storage_larger_than_its_record_is_refused(tmp_path):
     path = tmp_path / "lora.pt"
     torch.save({"w": torch.ones(16)}, path)

@@ -12,7 +12,6 @@ Written by hand: neither torch nor the standard library checks this before alloc
 from __future__ import annotations
 
 import io
-import itertools
 import pickle
 import pickletools
 import warnings
@@ -156,9 +155,7 @@ def torch_file_problem(path: str | Path) -> str | None:
         head = handle.read(4)
     if head == b"PK\x03\x04":
         return _zip_problem(path, size)
-    if head[:1] != b"\x80":
-        return None
-    with open(path, "rb") as handle:
+    with open(path, "rb") as handle:  # torch.load reads anything else as a (legacy) pickle
         objects, reason = _legacy_objects(_Bounded(handle, size))
     if reason or not objects:
         return reason
@@ -227,11 +224,14 @@ class _Bounded:
 def _legacy_objects(handle) -> tuple[bytes | None, str | None]:
     """(the objects pickle of torch's legacy format, None) or (None, why the pickles do not
     read); (None, None) for a pickle that is not that format (``torch.load`` reports it)."""
-    try:  # the magic number pickle: PROTO, LONG1, STOP
-        first = [arg for op, arg, _ in itertools.islice(pickletools.genops(handle), 3) if op.name == "LONG1"]
+    longs = []
+    try:  # the magic number pickle: PROTO, LONG1, STOP (torch.load reads this first pickle whole)
+        for op, arg, _ in pickletools.genops(handle):
+            if op.name == "LONG1" and len(longs) < 2:
+                longs.append(arg)
     except (ValueError, EOFError) as exc:
         return None, f"its pickle is incomplete or damaged ({str(exc)[:160]})"
-    if first != [LEGACY_MAGIC]:
+    if longs != [LEGACY_MAGIC]:
         return None, None
     bounds = []
     for _ in range(_LEGACY_PICKLES - 1):
