@@ -203,3 +203,84 @@ def test_a_real_full_disk_during_checkpoints_loses_nothing(tmp_path):
     resumed = report["resumed"]
     assert resumed["code"] == EXIT_OK and resumed["started"]["step"] == 1
     assert resumed["last"]["event"] == "finished" and resumed["last"]["step"] == 2
+
+
+# ---- killed while publishing the LoRA into the loras folder --------------------------------------
+
+PUBLISH_SCRIPT = textwrap.dedent("""
+    import shutil, sys, time
+    sys.path.insert(0, sys.argv[5])
+    from training.trainer import launcher
+
+    source, target, run_dir, mode = sys.argv[1:5]
+    if mode == "slow":  # copy in 64 KiB chunks, announcing each, so the kill lands mid-copy
+        def copyfile(src, dst):
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                while chunk := fin.read(1 << 16):
+                    fout.write(chunk)
+                    fout.flush()
+                    print("copying", flush=True)
+                    time.sleep(0.05)
+        shutil.copyfile = copyfile
+    print("ready", flush=True)
+    launcher.publish_lora(source, target, run_dir)
+    print("published", flush=True)
+""")
+
+
+def _lora_file(path: Path, value: float, config_hash: str) -> bytes:
+    from safetensors.torch import save_file
+
+    from training.trainer.launcher import TRAINER_TAG
+
+    save_file({"w": torch.full((1 << 19,), value)}, str(path), metadata={"trainer": TRAINER_TAG,
+                                                                        "config_hash": config_hash})
+    return path.read_bytes()
+
+
+def _publisher(tmp_path: Path, source: Path, target: Path, run: Path, mode: str) -> subprocess.Popen:
+    script = tmp_path / "publish.py"
+    script.write_text(PUBLISH_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(source), str(target), str(run), mode, str(ROOT)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def test_killed_while_publishing_leaves_the_old_or_the_new_lora_whole(tmp_path):
+    import random
+    import signal
+    import time
+
+    from training.trainer.launcher import publish_lora
+
+    run, loras = tmp_path / "run", tmp_path / "loras"
+    run.mkdir()
+    loras.mkdir()
+    target = loras / "x.safetensors"
+    old = _lora_file(run / "x.safetensors", 1.0, "aaaa")
+    publish_lora(run / "x.safetensors", target, run)
+    new = _lora_file(run / "x.safetensors", 2.0, "bbbb")  # the resumed run's LoRA, 2 MiB
+
+    slow = _publisher(tmp_path, run / "x.safetensors", target, run, "slow")
+    assert slow.stdout.readline().strip() == "copying"  # the first chunk is written
+    slow.send_signal(signal.SIGKILL)
+    slow.wait()
+    assert target.read_bytes() == old
+    partial = [p for p in loras.iterdir() if p != target]
+    assert len(partial) == 1 and partial[0].name.startswith(".x.safetensors.") and partial[0].suffix == ".tmp"
+    assert 0 < partial[0].stat().st_size < len(new)  # hidden and no LoRA suffix: no loader lists it
+
+    for _ in range(3):  # a real copy, killed at a random moment: either file, whole
+        process = _publisher(tmp_path, run / "x.safetensors", target, run, "fast")
+        time.sleep(random.uniform(0.0, 0.05))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert target.read_bytes() in (old, new)
+
+    stale = time.time() - 120  # a killed writer's temporary file, a while later
+    for leftover in loras.glob(".*.tmp"):
+        os.utime(leftover, (stale, stale))
+    publish_lora(run / "x.safetensors", target, run)  # the next publish completes and removes it
+    assert target.read_bytes() == new
+    assert sorted(p.name for p in loras.iterdir()) == ["x.safetensors"]
