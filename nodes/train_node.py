@@ -15,7 +15,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..training.safe_io import DiskFullError, UserFileError, write_text
-from ..training.trainer.config import ConfigError, config_from_dict, dump_config
+from ..training.rewards.registry import checkpoint_kind
+from ..training.trainer.config import ConfigError, TrainConfig, config_from_dict, dump_config
 from ..training.trainer.curves import final_scores_text, plot_training_curve, run_events
 from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, TrainerProcess, build_command, build_env,
                                          check_publish_target, failure_message, parse_devices,
@@ -62,16 +63,28 @@ def input_file(name: str, what: str) -> str:
     return path
 
 
-def reward_kind(path: str) -> str:
-    """'hps' or 'mps' from the file name, else from its keys."""
-    lowered = os.path.basename(path).lower()
-    if "mps" in lowered and "hps" not in lowered:
-        return "mps"
-    if "hps" in lowered and "mps" not in lowered:
-        return "hps"
-    from ..training.rewards.registry import checkpoint_kind
+# Config fields the node's inputs set, by the input's name (errors name the input the user sees).
+FIELD_INPUTS = {"rewards[0]": "reward_model", "rewards[1]": "reward_model_2", "lora_rank": "rank",
+                "lora_alpha": "alpha", "max_steps": "steps", "prompts": "prompts", "prompts_file": "prompts_file",
+                "prompt_embeddings": "clip / prompt_embeddings", "text_encoder": "clip", "tokenizer": "clip"}
 
-    return checkpoint_kind(path)
+
+def input_error(exc: ConfigError) -> TrainInputError:
+    """A config error as the node's: it names the node input, then the config field's message."""
+    field_name = exc.field or ""
+    base = field_name.split(".")[0]
+    name = FIELD_INPUTS.get(base, FIELD_INPUTS.get(field_name, base))
+    return TrainInputError(f"input '{name}': {exc}")
+
+
+def model_file(folder: str, name: str, input_name: str) -> str:
+    """The full path of a file of a ComfyUI model folder, or an error naming the input and the folders."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        places = ", ".join(folder_paths.get_folder_paths(folder))
+        raise TrainInputError(f"input '{input_name}': {name!r} is not in the {folder} folder ({places}); put the "
+                              "file there and press R to refresh the list")
+    return path
 
 
 def prompt_lines(text: str) -> list[str]:
@@ -208,7 +221,7 @@ class WanRewardLoraTrain(io.ComfyNode):
             run_dir.mkdir(parents=True, exist_ok=True)
             config = cls._config(args, name, run_dir, devices)
             try:  # before hours of training: the target must be absent or this run's own LoRA
-                check_publish_target(cls._lora_target(name), run_dir, config_from_dict(config).config_hash())
+                check_publish_target(cls._lora_target(name), run_dir, config.config_hash())
             except LaunchError as exc:
                 raise TrainInputError(str(exc)) from None
             events = cls._run(config, run_dir, devices, deepspeed)
@@ -224,17 +237,18 @@ class WanRewardLoraTrain(io.ComfyNode):
 
     # ---- config ---------------------------------------------------------------------------
     @classmethod
-    def _config(cls, args: dict, name: str, run_dir: Path, devices) -> dict:
+    def _config(cls, args: dict, name: str, run_dir: Path, devices) -> TrainConfig:
         rewards = [(args["reward_model"], args["reward_weight"])]
         if args["reward_model_2"] and args["reward_model_2"] != NONE:
             rewards.append((args["reward_model_2"], args["reward_weight_2"]))
         reward_specs = []
         for file_name, weight in rewards:
-            path = folder_paths.get_full_path_or_raise(REWARD_MODELS, file_name)
-            try:
-                kind = reward_kind(path)
+            slot = "reward_model" if not reward_specs else "reward_model_2"
+            path = model_file(REWARD_MODELS, file_name, slot)
+            try:  # the kind from the file's keys, never its name
+                kind = checkpoint_kind(path)
             except UserFileError as exc:
-                raise TrainInputError(f"reward model {file_name!r}: {exc}") from None
+                raise TrainInputError(f"input '{slot}' ({file_name}): {exc}") from None
             reward_specs.append({"model": kind, "path": path, "weight": float(weight)})
         prompts = prompt_lines(args["prompts"])
         prompts_file = (args["prompts_file"] or "").strip()
@@ -245,9 +259,9 @@ class WanRewardLoraTrain(io.ComfyNode):
 
             prompts = read_prompt_file(input_file(prompts_file, "prompts_file"), "prompts_file")
         config = dict(
-            high_noise_model=folder_paths.get_full_path_or_raise("diffusion_models", args["high_noise_model"]),
-            low_noise_model=folder_paths.get_full_path_or_raise("diffusion_models", args["low_noise_model"]),
-            vae=folder_paths.get_full_path_or_raise("vae", args["vae"]),
+            high_noise_model=model_file("diffusion_models", args["high_noise_model"], "high_noise_model"),
+            low_noise_model=model_file("diffusion_models", args["low_noise_model"], "low_noise_model"),
+            vae=model_file("vae", args["vae"], "vae"),
             expert=args["expert"], base_model_name=f"{args['high_noise_model']} + {args['low_noise_model']}",
             rewards=reward_specs, lora_rank=int(args["rank"]), lora_alpha=float(args["alpha"]),
             learning_rate=float(args["learning_rate"]), max_steps=int(args["steps"]),
@@ -263,7 +277,7 @@ class WanRewardLoraTrain(io.ComfyNode):
         clip, embeddings = args["clip"], (args["prompt_embeddings"] or "").strip()
         if clip is not None:
             if not prompts:
-                raise TrainInputError("prompts is empty: write the training prompts, one per line")
+                raise TrainInputError("input 'prompts' is empty: write the training prompts, one per line")
             from ..training.trainer.models import write_prompt_embeddings
 
             negative = "" if float(args["guidance_scale"]) > 1 else None
@@ -278,20 +292,19 @@ class WanRewardLoraTrain(io.ComfyNode):
                                   "'prompt_embeddings': a precomputed embeddings file in the input folder")
         if prompts:
             config["prompts"] = prompts
-        try:
-            config_from_dict(config)  # validate here: errors name the field before anything starts
+        try:  # every value and every file's contents, before anything is unloaded or launched
+            return config_from_dict(config)
         except ConfigError as exc:
-            raise TrainInputError(str(exc)) from None
-        return config
+            raise input_error(exc) from None
 
     # ---- the run --------------------------------------------------------------------------
     @classmethod
-    def _run(cls, config: dict, run_dir: Path, devices, preset: str) -> list[dict]:
+    def _run(cls, config: TrainConfig, run_dir: Path, devices, preset: str) -> list[dict]:
         import comfy.model_management as mm
         import comfy.utils
 
         config_path = run_dir / "run.yaml"
-        write_text(config_path, dump_config(config_from_dict(config)))
+        write_text(config_path, dump_config(config))
         try:
             command = build_command(config_path, devices, preset=preset)
         except LaunchError as exc:
@@ -302,7 +315,7 @@ class WanRewardLoraTrain(io.ComfyNode):
         node_id = cls.hidden.unique_id
         prompt_id = _current_prompt_id()
         process = TrainerProcess(command, build_env(devices, threads=devices.cpu_threads()), run_dir).start()
-        bar = comfy.utils.ProgressBar(int(config["max_steps"]), node_id=node_id)
+        bar = comfy.utils.ProgressBar(config.max_steps, node_id=node_id)
 
         def report(event: dict) -> None:
             _send(event, node_id, prompt_id)

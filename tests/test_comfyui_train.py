@@ -185,9 +185,23 @@ def test_cancel_stops_every_process_and_resume_continues(tiny_models):
     assert json.loads(outputs["1"]["text"][0])["steps"] == last + 2
 
 
+def test_a_file_that_is_not_a_reward_model_is_refused_before_anything_starts(tiny_models):
+    comfyui = tiny_models
+    page = comfyui.model_path("reward_models", "HPS_v2.1_compressed.pt")
+    page.write_text("<!DOCTYPE html><html><body>Access denied</body></html>")
+    message = comfyui.run_expecting_error(train_prompt("tiny_html", steps=1, reward_model="HPS_v2.1_compressed.pt"))
+    assert "input 'reward_model'" in message and "HPS_v2.1_compressed.pt" in message, message
+    assert "neither a safetensors file nor a PyTorch checkpoint" in message, message
+    run_dir = comfyui.output / "wan_reward_lora" / "tiny_html"
+    assert not (run_dir / "run.yaml").exists() and not (run_dir / "train.log").exists()  # nothing launched
+
+
 def test_trainer_failure_is_a_node_error_with_log_tail(tiny_models):
     comfyui = tiny_models
-    comfyui.model_path("diffusion_models", "broken_high.safetensors").write_bytes(b"not a safetensors file")
+    # keys that pass the header check but not the model's own load: the failure happens in the trainer
+    broken = tiny_wan_state_dict(seed=1)
+    del broken["blocks.0.ffn.0.weight"]
+    save_safetensors(broken, comfyui.model_path("diffusion_models", "broken_high.safetensors"))
     message = comfyui.run_expecting_error(train_prompt("tiny_broken", steps=1, high_noise_model="broken_high.safetensors",
                                                        gpus="cpu"))
     assert "Reward LoRA training failed" in message and "broken_high.safetensors" in message, message

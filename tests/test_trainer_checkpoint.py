@@ -59,7 +59,7 @@ def _train(path: Path, reward_loader=load_rewards) -> list[dict]:
 def test_resume_false_moves_the_old_checkpoints_aside(tiny):
     _train(_config(tiny, "over", max_steps=3))  # old run: step-2, step-3 kept
     old_lora = (tiny / "over" / "checkpoints" / "step-000003" / "lora.safetensors").read_bytes()
-    events = _train(_config(tiny, "over", max_steps=1, resume=False, ema_last_checkpoints=2))
+    events = _train(_config(tiny, "over", max_steps=1, resume=False, average_last_checkpoints=2))
     started = events[0]
     assert started["step"] == 0 and started["resumed_from"] is None
     aside = Path(started["replaced_checkpoints"])
@@ -70,7 +70,7 @@ def test_resume_false_moves_the_old_checkpoints_aside(tiny):
     assert [p.name for p in step_dirs(root)] == ["step-000001"]  # the new step survives pruning
     assert json.loads((root / "latest.json").read_text())["step"] == 1
     assert recent_loras(tiny / "over", 2) == [root / "step-000001" / "lora.safetensors"]
-    assert events[-1]["ema_lora_path"] is None  # nothing of the old run is averaged
+    assert events[-1]["average_lora_path"] is None  # nothing of the old run is averaged
 
 
 def test_resume_with_a_changed_config_is_refused_naming_the_fields(tiny):
@@ -176,8 +176,9 @@ def test_a_lora_worse_than_the_base_never_becomes_best(tiny):
 
 
 def _expect_config_error(path: Path, field: str, *words: str):
-    cfg = load_config(path)
+    """The config check (model files by their contents) or, for what needs the models, training refuses."""
     with pytest.raises(ConfigError) as info:
+        cfg = load_config(path)
         train(cfg, Progress(cfg.output_dir, stream=io.StringIO()))
     assert info.value.field == field, str(info.value)
     for word in words:
@@ -249,4 +250,5 @@ def test_validation_decodes_once_with_the_same_reward_frames(tiny):
     trainer.cfg, trainer.vae = cfg, vae
     latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(trainer.frames(latents), trainer.reward_frames(decode_latents(vae, latents)), atol=1e-6)
+        only_decoded = trainer.reward_frames(trainer.decode(latents, cfg.decoded_latents))
+        assert torch.allclose(only_decoded, trainer.reward_frames(decode_latents(vae, latents)), atol=1e-6)

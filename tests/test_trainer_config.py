@@ -18,17 +18,27 @@ PACK = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """Real tiny model files (the config check reads their contents) under the names good() uses."""
+    from training.demo import write_tiny_run
+
     folder = tmp_path_factory.mktemp("cfg")
-    names = ["high.safetensors", "low.safetensors", "vae.safetensors", "emb.safetensors", "hps.pt", "mps.pth"]
-    for name in names:
-        (folder / name).write_bytes(b"x")
+    write_tiny_run(folder)
+    models = folder / "models"
+    for source, name in (("wan2.2_tiny_high_noise.safetensors", "high.safetensors"),
+                         ("wan2.2_tiny_low_noise.safetensors", "low.safetensors"),
+                         ("wan_2.1_vae_tiny.safetensors", "vae.safetensors"),
+                         ("prompt_embeddings.safetensors", "emb.safetensors"),
+                         ("HPS_v2.1_tiny.safetensors", "hps.pt"), ("MPS_tiny.safetensors", "mps.pth")):
+        (models / source).rename(folder / name)
     return folder
 
 
 def good(folder: Path) -> dict:
+    from training.demo import PROMPTS
+
     return dict(high_noise_model=str(folder / "high.safetensors"), low_noise_model=str(folder / "low.safetensors"),
                 vae=str(folder / "vae.safetensors"), prompt_embeddings=str(folder / "emb.safetensors"),
-                prompts=["a cat"], rewards=[{"model": "hps", "path": str(folder / "hps.pt")}],
+                prompts=PROMPTS[:1], rewards=[{"model": "hps", "path": str(folder / "hps.pt")}],
                 output_dir=str(folder / "out"))
 
 
@@ -64,10 +74,15 @@ BAD = [
     ("mixed_precision", {"mixed_precision": "fp8"}),
     ("lr_scheduler", {"lr_scheduler": "exotic"}),
     ("prompt_embeddings", {"prompt_embeddings": None}),
-    ("tokenizer", {"prompt_embeddings": None, "text_encoder": "high.safetensors"}),
+    ("text_encoder", {"prompt_embeddings": None, "text_encoder": "high.safetensors"}),
     ("prompts", {"prompts": ["  "]}),
     ("validation_prompts", {"validation_every": 10}),
-    ("ema_last_checkpoints", {"ema_last_checkpoints": 5, "checkpoints_keep": 2}),
+    ("average_last_checkpoints", {"average_last_checkpoints": 5, "checkpoints_keep": 2}),
+    ("rewards[0].variant", {"rewards": [{"model": "hps", "path": "hps.pt", "variant": "videox_fun"}]}),
+    ("gradient_accumulation_steps", {"gradient_accumulation_steps": 0}),
+    ("validation_prompts", {"held_out_rewards": [{"model": "mps", "path": "mps.pth"}]}),
+    ("recipe", {"recipe": "videox_fun_mid"}),
+    ("expert", {"expert": "both", "init_lora": "low.safetensors"}),
     ("gradient_checkpointing", {"gradient_checkpointing": "yes"}),
     ("max_stepz", {"max_stepz": 10}),
     ("output_name", {"output_name": "../escape"}),
@@ -82,6 +97,32 @@ def test_bad_config_names_the_field(files, field_name, change):
         config_from_dict(data, base_dir=files)
     assert info.value.field == field_name
     assert f"'{field_name}'" in str(info.value)
+
+
+def test_every_wrong_field_is_reported_together(files):
+    data = dict(good(files), lora_rank=0, learning_rate=5, gaming_guard="loud")
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert [f for f, _ in info.value.errors] == ["lora_rank", "learning_rate", "gaming_guard"]
+    assert all(f"'{f}'" in str(info.value) for f in ("lora_rank", "learning_rate", "gaming_guard"))
+
+
+def test_deprecated_names_are_read_with_a_warning(files):
+    data = dict(good(files), ema_last_checkpoints=2, checkpoints_keep=2)
+    data["rewards"] = [{"model": "mps", "path": str(files / "mps.pth"), "variant": "seed"}]
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = config_from_dict(data)
+    assert cfg.average_last_checkpoints == 2 and cfg.rewards[0].variant == "videox_fun"
+    messages = [str(c.message) for c in caught]
+    assert any("'ema_last_checkpoints'" in m for m in messages) and any("'seed'" in m for m in messages)
+
+
+def test_the_config_reference_in_docs_is_generated_from_the_declarations():
+    from training.trainer.config import markdown_reference
+
+    path = PACK / "docs" / "training-config.md"
+    assert path.read_text(encoding="utf-8") == markdown_reference(), (
+        "docs/training-config.md is stale: run python -m training.trainer.config --markdown > docs/training-config.md")
 
 
 def test_yaml_relative_paths_and_cli_exit_code(files, tmp_path):
@@ -109,10 +150,9 @@ def test_yaml_is_safe_loaded(tmp_path):
     assert info.value.field == "--config"
 
 
-@pytest.mark.parametrize("preset", ["seed_recipe_low_hps.yaml", "seed_recipe_high_mps.yaml"])
-def test_seed_presets_are_valid_and_are_the_seed_recipe(preset):
+@pytest.mark.parametrize("preset", ["videox_fun_low_hps.yaml", "videox_fun_high_mps.yaml"])
+def test_shipped_reference_presets_name_the_recipe(preset):
     cfg = load_config(PACK / "training" / "configs" / preset, check_files=False)
+    assert cfg.recipe == preset[: -len(".yaml")]
     assert cfg.expert == ("low" if "low" in preset else "high")
-    assert (cfg.lora_rank, cfg.lora_alpha, cfg.learning_rate, cfg.max_grad_norm) == (128, 64.0, 1e-5, 0.3)
-    assert (cfg.inference_steps, cfg.boundary, cfg.shift, cfg.decoded_latents) == (40, 0.9, 5.0, 1)
-    assert cfg.rewards[0].preprocess == "squash"
+    assert cfg.rewards[0].preprocess == "squash" and cfg.effective_batch == 8

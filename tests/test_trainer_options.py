@@ -116,10 +116,12 @@ def test_preflight_refuses_a14b_experts_without_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     config = yaml.safe_load(write_tiny_run(tmp_path).read_text())
+    from training.demo import TEXT_DIM
+    from training.tiny_models import wan_expert_shapes, write_sparse_safetensors
+
     for name in ("high_noise_model", "low_noise_model"):
-        big = tmp_path / f"{name}_a14b.safetensors"
-        with open(big, "wb") as handle:  # sparse: the size of an A14B expert, no disk used
-            handle.truncate(28 * 1024 ** 3)
+        big = tmp_path / f"{name}_a14b.safetensors"  # sparse: an A14B expert's header and size, no disk used
+        write_sparse_safetensors(big, wan_expert_shapes(dim=5120, ffn_dim=13824, num_layers=40, text_dim=TEXT_DIM))
         config[name] = str(big)
     config.update(preflight=True, mixed_precision="bf16")
     path = tmp_path / "a14b.yaml"
@@ -137,11 +139,15 @@ def test_preflight_refuses_when_host_memory_cannot_hold_the_experts(tmp_path, mo
 
     if torch.cuda.is_available():
         pytest.skip("with a GPU the GPU-memory check refuses first")
+    from training.demo import TEXT_DIM
+    from training.tiny_models import wan_expert_shapes, write_sparse_safetensors
+
     config = yaml.safe_load(write_tiny_run(tmp_path).read_text())
-    big = tmp_path / "huge.safetensors"
-    with open(big, "wb") as handle:
-        handle.truncate(4096 * 1024 ** 3)  # 4 TiB, sparse
-    config.update(high_noise_model=str(big), mixed_precision="no")
+    for name in ("high_noise_model", "low_noise_model"):  # A14B experts, sparse: 2 x 57 GB in float32
+        big = tmp_path / f"{name}_huge.safetensors"
+        write_sparse_safetensors(big, wan_expert_shapes(dim=5120, ffn_dim=13824, num_layers=40, text_dim=TEXT_DIM))
+        config[name] = str(big)
+    config.update(mixed_precision="no")
     path = tmp_path / "huge.yaml"
     path.write_text(yaml.safe_dump(config))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")

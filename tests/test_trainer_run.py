@@ -22,7 +22,7 @@ from training.trainer.progress import Progress, parse_events
 def trained_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     path = write_tiny_run(folder, max_steps=20, validation_every=20, checkpoint_every=10,
-                          ema_last_checkpoints=2, resume=False)
+                          average_last_checkpoints=2, resume=False)
     cfg = load_config(path)
     out = io.StringIO()
     threads = torch.get_num_threads()
@@ -49,7 +49,7 @@ def test_reward_rises_on_fixed_seeds(trained_run):
         assert key in step
     assert step["loss"] == pytest.approx(1 - step["reward"], abs=1e-6)
     finished = events[-1]
-    assert finished["reason"] == "completed" and finished["best_lora_path"] and finished["ema_lora_path"]
+    assert finished["reason"] == "completed" and finished["best_lora_path"] and finished["average_lora_path"]
 
 
 def test_lora_loads_with_zero_unmatched_keys(trained_run):
@@ -63,7 +63,7 @@ def test_lora_loads_with_zero_unmatched_keys(trained_run):
     assert lora.metadata["expert"] == "low" and lora.metadata["steps"] == "20"
     assert lora.metadata["config_hash"] == cfg.config_hash()
     assert any(float(t.abs().max()) > 0 for k, t in lora.tensors.items() if "lora_up" in k)
-    for path in (cfg.best_lora_path, cfg.ema_lora_path):
+    for path in (cfg.best_lora_path, cfg.average_lora_path):
         assert not match_lora(read_lora(path), expert).unmatched
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import pickletools
 import re
@@ -20,6 +21,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -160,8 +162,9 @@ def torch_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint"):
-    """Load a ``.pt/.pth/.ckpt/.bin`` file without executing pickled code.
+def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint", *, mmap: bool = False):
+    """Load a ``.pt/.pth/.ckpt/.bin`` file without executing pickled code (``mmap``: map the
+    tensors of a zip checkpoint instead of reading them, for a look at keys and shapes).
 
     Raises UserFileError naming the file: "not a readable checkpoint: <reason>" for a
     truncated, corrupt or non-pickle file; for a pickle that needs code to load (a class
@@ -178,7 +181,7 @@ def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint"):
         raise UserFileError(f"{what} {path.name} is not a readable checkpoint: {problem}. It may be truncated, "
                             "corrupt or not a PyTorch file: download it again and compare its size with the source.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
         torch_reason = (str(exc).strip().splitlines() or [""])[0][:200].rstrip(".")
         named = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -251,13 +254,9 @@ def file_format(path: str | os.PathLike) -> str:
     return "unknown"
 
 
-def read_state_dict(path: str | os.PathLike, what: str, *, hint: str = "",
-                    read_pickle: Callable[[Path, str], object] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file or a weights-only torch file (``{'state_dict': ...}``
-    unwrapped); the format is read from the first bytes, not the suffix. ``what`` names the
-    file in errors (e.g. "Wan expert"), ``hint`` is appended to them (where to get the file),
-    and ``read_pickle(path, kind)`` replaces the weights-only pickle reader. Raises
-    UserFileError naming the file and what is wrong."""
+def check_weights_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
+    """The format of a weights file (``file_format``), or UserFileError naming the file when it is
+    missing, empty or neither safetensors nor a PyTorch checkpoint."""
     path = Path(path)
     tail = f"\n{hint}" if hint else ""
     if not path.is_file():
@@ -272,15 +271,116 @@ def read_state_dict(path: str | os.PathLike, what: str, *, hint: str = "",
             head = handle.read(12)
         raise UserFileError(f"{what} {path} is neither a safetensors file nor a PyTorch checkpoint (it starts "
                             f"with {head!r}): a damaged download or the wrong file{tail}")
-    if kind == "safetensors":
-        from safetensors.torch import load_file
+    return kind
 
+
+# bytes per element of the safetensors dtypes
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+                           "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
+_MAX_HEADER = 100 * 2 ** 20  # safetensors itself refuses larger headers
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a file says of one tensor, without its data: dtype (safetensors' names: "BF16",
+    "F8_E4M3", ...) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype.startswith(("F", "BF"))
+
+
+@dataclass
+class TensorIndex:
+    """The tensors of a weights file by key (no data read) and its string metadata."""
+
+    path: Path
+    format: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_safetensors_header(path: str | os.PathLike, what: str, hint: str = "") -> TensorIndex:
+    """The header of a safetensors file, checked against the file's length: a truncated download
+    (tensors ending past the end of the file) or a header that does not parse is refused here,
+    naming the file, before anything is allocated."""
+    path = Path(path)
+    tail = f"\n{hint}" if hint else ""
+    size = path.stat().st_size
+
+    def corrupt(why: str) -> UserFileError:
+        return UserFileError(f"{what} {path} is a corrupt or truncated safetensors file ({why}); "
+                             f"download it again and compare its size with the source{tail}")
+
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 2 <= length <= min(size - 8, _MAX_HEADER):
+            raise corrupt(f"its header claims {length} bytes in a file of {size}")
         try:
-            return load_file(str(path))
-        except Exception as exc:  # SafetensorError / OSError
-            raise UserFileError(f"{what} {path} is a corrupt or truncated safetensors file: "
-                                f"{str(exc)[:200]}; download it again") from exc
-    data = read_pickle(path, kind) if read_pickle else load_torch_weights_only(path, what)
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise corrupt(f"the header is not JSON: {str(exc)[:120]}") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a mapping")
+    data_size = size - 8 - length
+    tensors: dict[str, TensorInfo] = {}
+    metadata = header.pop("__metadata__", None) or {}
+    for key, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            valid = (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+                     and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end)
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise corrupt(f"the entry of {key!r} is malformed")
+        if end > data_size:
+            raise corrupt(f"tensor {key!r} ends at byte {end} but the file holds {data_size} bytes of data")
+        info = TensorInfo(dtype, shape)
+        itemsize = SAFETENSORS_DTYPE_BYTES.get(dtype)
+        if itemsize is not None and info.numel * itemsize != end - start:
+            raise corrupt(f"tensor {key!r} of shape {list(shape)} {dtype} does not fill its {end - start} bytes")
+        tensors[key] = info
+    if not isinstance(metadata, dict):
+        raise corrupt("its __metadata__ is not a mapping")
+    return TensorIndex(path, "safetensors", tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+_TORCH_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _TORCH_DTYPE_NAMES[getattr(torch, _name)] = _code
+
+
+def tensor_index(path: str | os.PathLike, what: str, *, hint: str = "",
+                 read_pickle: Callable[[Path, str], object] | None = None) -> TensorIndex:
+    """Keys, dtypes and shapes of a weights file without reading its tensors where the format
+    allows: the safetensors header, or a zip checkpoint with its tensors memory-mapped (a legacy
+    pickle is read whole). Same refusals and wording as ``read_state_dict``."""
+    path = Path(path)
+    kind = check_weights_file(path, what, hint)
+    if kind == "safetensors":
+        return read_safetensors_header(path, what, hint)
+    if read_pickle is not None:
+        data = read_pickle(path, kind)
+    else:
+        data = load_torch_weights_only(path, what, mmap=kind == "torch-zip")
+    tensors = _plain_state_dict(data, path, what)
+    infos = {k: TensorInfo(_TORCH_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors.items()}
+    return TensorIndex(path, kind, infos, {})
+
+
+def _plain_state_dict(data, path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A loaded checkpoint's tensors by name (``{'state_dict': ...}`` and like wrappers unwrapped)."""
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
@@ -291,3 +391,25 @@ def read_state_dict(path: str | os.PathLike, what: str, *, hint: str = "",
         raise UserFileError(f"{what} {path} is not a plain state dict: entries "
                             f"{sorted(str(k) for k in data if k not in tensors)[:5]} are not tensors")
     return tensors
+
+
+def read_state_dict(path: str | os.PathLike, what: str, *, hint: str = "",
+                    read_pickle: Callable[[Path, str], object] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a weights-only torch file (``{'state_dict': ...}``
+    unwrapped); the format is read from the first bytes, not the suffix. ``what`` names the
+    file in errors (e.g. "Wan expert"), ``hint`` is appended to them (where to get the file),
+    and ``read_pickle(path, kind)`` replaces the weights-only pickle reader. Raises
+    UserFileError naming the file and what is wrong."""
+    path = Path(path)
+    kind = check_weights_file(path, what, hint)
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        read_safetensors_header(path, what, hint)  # truncation and size checks before allocating
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError / OSError
+            raise UserFileError(f"{what} {path} is a corrupt or truncated safetensors file: "
+                                f"{str(exc)[:200]}; download it again") from exc
+    data = read_pickle(path, kind) if read_pickle else load_torch_weights_only(path, what)
+    return _plain_state_dict(data, path, what)

@@ -26,48 +26,76 @@ def tiny_config(**overrides) -> dict:
     return config
 
 
-def tiny_wan_state_dict(seed: int = 0, dtype=torch.float32, **overrides) -> dict[str, torch.Tensor]:
-    """Native state dict of a Wan expert with tiny dims (random weights, fixed seed)."""
+def wan_expert_shapes(**overrides) -> dict[str, tuple[int, ...]]:
+    """{native key: shape} of a Wan expert (tiny dims by default; ``dim=5120, ffn_dim=13824,
+    num_layers=40`` give an A14B expert)."""
     c = tiny_config(**overrides)
-    gen = torch.Generator().manual_seed(seed)
     dim, ffn = c["dim"], c["ffn_dim"]
     pt, ph, pw = c["patch_size"]
-
-    def w(*shape):
-        fan_in = shape[1] if len(shape) > 1 else shape[0]
-        return (torch.randn(*shape, generator=gen) / math.sqrt(fan_in)).to(dtype)
-
-    def b(n):
-        return (torch.randn(n, generator=gen) * 0.02).to(dtype)
-
-    sd: dict[str, torch.Tensor] = {
-        "patch_embedding.weight": w(dim, c["in_dim"], pt, ph, pw),
-        "patch_embedding.bias": b(dim),
-        "text_embedding.0.weight": w(dim, c["text_dim"]), "text_embedding.0.bias": b(dim),
-        "text_embedding.2.weight": w(dim, dim), "text_embedding.2.bias": b(dim),
-        "time_embedding.0.weight": w(dim, c["freq_dim"]), "time_embedding.0.bias": b(dim),
-        "time_embedding.2.weight": w(dim, dim), "time_embedding.2.bias": b(dim),
-        "time_projection.1.weight": w(6 * dim, dim), "time_projection.1.bias": b(6 * dim),
-        "head.head.weight": w(c["out_dim"] * pt * ph * pw, dim),
-        "head.head.bias": b(c["out_dim"] * pt * ph * pw),
-        "head.modulation": (torch.randn(1, 2, dim, generator=gen) / math.sqrt(dim)).to(dtype),
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (dim, c["in_dim"], pt, ph, pw), "patch_embedding.bias": (dim,),
+        "text_embedding.0.weight": (dim, c["text_dim"]), "text_embedding.0.bias": (dim,),
+        "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
+        "time_embedding.0.weight": (dim, c["freq_dim"]), "time_embedding.0.bias": (dim,),
+        "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
+        "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+        "head.head.weight": (c["out_dim"] * pt * ph * pw, dim), "head.head.bias": (c["out_dim"] * pt * ph * pw,),
+        "head.modulation": (1, 2, dim),
     }
     for i in range(c["num_layers"]):
         p = f"blocks.{i}."
         for name in ATTENTION_LINEARS:
-            sd[p + name + ".weight"] = w(dim, dim)
-            sd[p + name + ".bias"] = b(dim)
+            shapes[p + name + ".weight"] = (dim, dim)
+            shapes[p + name + ".bias"] = (dim,)
         for attn in ("self_attn", "cross_attn"):
-            sd[p + attn + ".norm_q.weight"] = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype)
-            sd[p + attn + ".norm_k.weight"] = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype)
-        sd[p + "norm3.weight"] = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype)
-        sd[p + "norm3.bias"] = b(dim)
-        sd[p + "ffn.0.weight"] = w(ffn, dim)
-        sd[p + "ffn.0.bias"] = b(ffn)
-        sd[p + "ffn.2.weight"] = w(dim, ffn)
-        sd[p + "ffn.2.bias"] = b(dim)
-        sd[p + "modulation"] = (torch.randn(1, 6, dim, generator=gen) / math.sqrt(dim)).to(dtype)
+            shapes[p + attn + ".norm_q.weight"] = (dim,)
+            shapes[p + attn + ".norm_k.weight"] = (dim,)
+        shapes[p + "norm3.weight"] = (dim,)
+        shapes[p + "norm3.bias"] = (dim,)
+        shapes[p + "ffn.0.weight"] = (ffn, dim)
+        shapes[p + "ffn.0.bias"] = (ffn,)
+        shapes[p + "ffn.2.weight"] = (dim, ffn)
+        shapes[p + "ffn.2.bias"] = (dim,)
+        shapes[p + "modulation"] = (1, 6, dim)
+    return shapes
+
+
+def tiny_wan_state_dict(seed: int = 0, dtype=torch.float32, **overrides) -> dict[str, torch.Tensor]:
+    """Native state dict of a Wan expert with tiny dims (random weights, fixed seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for key, shape in wan_expert_shapes(**overrides).items():
+        if key.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+            value = 1 + 0.1 * torch.randn(*shape, generator=gen)
+        elif key.endswith("modulation"):
+            value = torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
+        elif len(shape) == 1:
+            value = torch.randn(*shape, generator=gen) * 0.02
+        else:
+            value = torch.randn(*shape, generator=gen) / math.sqrt(shape[1])
+        sd[key] = value.to(dtype)
     return sd
+
+
+def write_sparse_safetensors(path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16",
+                             metadata: dict[str, str] | None = None) -> None:
+    """A valid safetensors file of the given shapes whose data is a hole (a sparse file: the size of
+    the real weights on disk costs nothing). For checks that read headers only, e.g. real-size
+    A14B experts in the preflight and memory-estimate tests."""
+    import json
+
+    itemsize = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}[dtype]
+    header: dict = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for key, shape in shapes.items():
+        size = math.prod(shape) * itemsize
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.truncate(8 + len(raw) + offset)
 
 
 def linear_module_names(num_layers: int = TINY["num_layers"], include_ffn: bool = True,

@@ -26,3 +26,17 @@ def motion_per_step(frames: torch.Tensor) -> list[float]:
     with torch.no_grad():
         frames = rgb(frames.detach()).float()
         return [float(v) * 100.0 for v in (frames[1:] - frames[:-1]).abs().flatten(1).mean(1)]
+
+
+def motion_energy(frames: torch.Tensor) -> torch.Tensor:
+    """Differentiable frame-difference energy per video: mean squared difference of consecutive
+    frames, [B, F, 3, H, W] in [0, 1] -> [B] (the motion-preserving training term compares it)."""
+    frames = frames.float()
+    return (frames[:, 1:] - frames[:, :-1]).pow(2).flatten(1).mean(1)
+
+
+def motion_hinge(frames: torch.Tensor, base_frames: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """mean_b max(0, 1 - E(frames_b) / E(base_b)): 0 while the video moves at least as much as the base
+    model's video from the same noise, growing as its motion falls below it (no gradient to the base)."""
+    ratio = motion_energy(frames) / (motion_energy(base_frames.detach()) + eps)
+    return torch.relu(1.0 - ratio).mean()

@@ -34,15 +34,16 @@ def _corrupt(path: Path, what: str, exc: BaseException) -> UserFileError:
     return UserFileError(f"{path.name} is a corrupt or truncated {what} ({detail}); download it again")
 
 
-def _read_torch_pickle(path: Path, kind: str):
-    """Weights-only load; only a pickle that names code goes on to the restricted module reader."""
+def _read_torch_pickle(path: Path, kind: str, mmap: bool = False):
+    """Weights-only load (``mmap``: a zip checkpoint's tensors mapped, not read); only a pickle
+    that names code goes on to the restricted module reader."""
     problem = torch_file_problem(path)  # e.g. claims of data the file does not hold: before allocating
     if problem:
         raise _corrupt(path, "PyTorch checkpoint", ValueError(problem))
     if kind == "torch-zip" and not zipfile.is_zipfile(path):
         raise _corrupt(path, "PyTorch checkpoint", ValueError("the zip archive has no central directory"))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "torch-zip")
     except pickle.UnpicklingError as exc:
         if "weights only load failed" not in str(exc).lower():
             raise _corrupt(path, "PyTorch checkpoint", exc) from exc
@@ -122,22 +123,14 @@ def detect_kind(state_dict) -> str:
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """'hps' or 'mps' from a checkpoint's keys; a safetensors file is judged by its header alone."""
-    path = Path(path)
-    if path.is_file() and safe_io.file_format(path) == "safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as handle:
-                keys = dict.fromkeys(handle.keys())
-        except Exception as exc:  # SafetensorError, OSError
-            raise _corrupt(path, "safetensors file", exc) from None
-    else:
-        keys = read_state_dict(path)
+    """'hps' or 'mps' from a checkpoint's keys, without reading its tensors where the format
+    allows (a safetensors header; a zip checkpoint memory-mapped). UserFileError names the file."""
+    index = safe_io.tensor_index(path, "reward model checkpoint", hint=EXPECTED_FILES,
+                                 read_pickle=lambda p, kind: _read_torch_pickle(p, kind, mmap=True))
     try:
-        return detect_kind(_strip_prefixes(keys))
+        return detect_kind(_strip_prefixes(index.tensors))
     except UserFileError as exc:
-        raise UserFileError(f"reward model checkpoint {path}: {exc}") from None
+        raise UserFileError(f"reward model checkpoint {Path(path)}: {exc}") from None
 
 
 def load_strict(module: torch.nn.Module, state_dict, what: str) -> None:

@@ -43,7 +43,7 @@ _STEP_DIR = re.compile(r"^(?:\.replaced-)?step-(\d+)$")
 # what was trained so far. max_steps also sets the length of linear/cosine LR schedules,
 # whose remaining part follows the new value.
 RESUME_HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_keep", "validation_every", "sample_every",
-                   "ema_last_checkpoints", "gaming_guard", "gaming_patience", "preflight", "resume", "output_dir",
+                   "average_last_checkpoints", "gaming_guard", "gaming_patience", "preflight", "resume", "output_dir",
                    "base_model_name")
 
 

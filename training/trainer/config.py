@@ -1,99 +1,26 @@
-"""The trainer's run configuration: schema, YAML loading and validation.
+"""The trainer's run configuration: every field declared once, with its type, default, allowed
+values and a one-line doc (``option(...)`` below). Validation, the ComfyUI node's defaults and
+ranges, and the config reference in ``docs/training-config.md`` (``python -m
+training.trainer.config --markdown``) all come from these declarations.
 
-One flat YAML mapping (``yaml.safe_load``), written by hand or by the ComfyUI
-"Reward LoRA Train" node, validated completely before any model is loaded. Every
-error is a ``ConfigError`` that names the field, the value and what to do.
-
-Schema (field: type, default; ``!`` = required). Paths may be relative to the
-YAML file's folder.
-
-Models
-  expert: "high" | "low", "low"          which expert the LoRA trains
-  high_noise_model: path !               ComfyUI diffusion_models file of the high-noise expert
-  low_noise_model: path !                the same for the low-noise expert (both are needed:
-                                         every trajectory crosses the boundary)
-  vae: path !                            Wan2.1 VAE, ComfyUI vae-folder format
-  prompt_embeddings: path | null         precomputed umT5 embeddings (safetensors, see
-                                         training/trainer/models.py: write_prompt_embeddings)
-  text_encoder: path | null              umt5-xxl encoder (ComfyUI text_encoders format)
-  tokenizer: path | null                 folder with the umt5 tokenizer; not needed for ComfyUI's
-                                         umt5 files, which embed theirs (spiece_model)
-  base_model_name: str, ""               recorded in the LoRA metadata
-Prompts
-  prompts: list[str] | null              training prompts, or
-  prompts_file: path | null              a text file, one prompt per line (blank lines skipped);
-                                         with neither, all prompts of prompt_embeddings are used
-  negative_prompt: str, ""               the seed trains with an empty negative prompt
-  validation_prompts: list[str], []      held-out prompts (never trained on)
-  validation_prompts_file: path | null
-Rewards
-  rewards: list !                        [{model: hps|mps, path: file, weight: 1.0, variant: str|null,
-                                           preprocess: reference|squash|null}]
-                                         variant: MPS "official" (default) or "seed"; preprocess: the
-                                         reward model's own ("reference", default) or the seed's
-                                         224x224 stretch ("squash")
-                                         loss = sum_i weight_i * (1 - reward_i) / sum_i weight_i
-  held_out_rewards: list, []             same form, scored on validation only, never optimised
-LoRA
-  lora_rank: int, 128
-  lora_alpha: float, 64
-  lora_targets: "all_linear" | list[str], "all_linear"   native name suffixes, e.g. "self_attn.q"
-  lora_exclude: list[str], ["ffn"]       substrings of native module paths to skip (seed: ffn)
-Optimisation
-  learning_rate: float, 1e-5
-  optimizer: "adamw", "adamw"
-  adam_beta1: 0.9, adam_beta2: 0.999, adam_epsilon: 1e-10, weight_decay: 3e-2
-  lr_scheduler: constant | constant_with_warmup | linear | cosine, "constant"
-  lr_warmup_steps: int, 0
-  max_grad_norm: float, 0.3              applied (DeepSpeed gradient_clipping or torch clipping); 0 = off
-  max_steps: int, 10000                  optimizer steps
-  batch_size: int, 1                     prompts per process per micro-step
-  gradient_accumulation_steps: int, 1
-  seed: int, 42
-  gradient_checkpointing: bool, true
-  mixed_precision: "bf16" | "fp16" | "no", "bf16"   ("no" = float32; CPU runs should use "no";
-                                         fp16 only under DeepSpeed, which scales the loss)
-Sampling (training trajectories)
-  height: int, 256; width: int, 256      multiples of 16
-  frames: int, 81                        4k+1
-  inference_steps: int, 40
-  guidance_scale: float, 6.0             CFG on when > 1
-  shift: float, 5.0
-  boundary: float, 0.9                   expert switch at t = boundary*1000 (0.875 T2V, 0.9 I2V/InP)
-Backpropagation
-  backprop_strategy: "tail" | "random", "tail"
-      tail: the last backprop_steps steps of the trained expert's range (DRaFT-K)
-      random: one step drawn among the last backprop_random_last steps of that range (AlignProp)
-  backprop_steps: int, 1
-  backprop_random_last: int, 5
-  decoded_latents: int, 1                latent frames decoded for the reward (1 = first frame only)
-  reward_frames: int | null, null        frames sampled evenly from the decoded ones (null = all)
-Checkpoints, validation, guards
-  output_dir: path !                     everything is written here
-  output_name: str, "reward_lora"        LoRA file stem: <output_dir>/<output_name>.safetensors
-  checkpoint_every: int, 100             steps; 0 = only at the end / on request
-  checkpoints_keep: int, 2               older checkpoints are deleted
-  resume: bool, true                     continue from <output_dir>/checkpoints/latest.json if present
-                                         (refused if the config changed outside
-                                         checkpoint.RESUME_HARMLESS); false: start over, an
-                                         earlier checkpoints/ folder is renamed aside
-  validation_every: int, 0               steps; 0 = off (needs validation_prompts)
-  validation_seed: int, 1234
-  gaming_guard: "warn" | "stop" | "off", "warn"
-  gaming_patience: int, 2                consecutive validations with the training reward up and
-                                         a held-out reward or motion down before warn/stop
-  ema_last_checkpoints: int, 0           >1: also export the exact average of the last N checkpoint
-                                         LoRAs (not an EMA: one LoRA of rank N x lora_rank)
-  sample_every: int, 0                   steps; save the decoded training frames as PNG (0 = off)
-  preflight: bool, true                  check GPUs and memory before loading models
+A run config is one flat YAML mapping (``yaml.safe_load``), written by hand or by the ComfyUI
+"Reward LoRA Train" node. ``recipe: <name>`` starts from a recipe's values (recipes.py) and the
+other fields of the mapping are set on top of it. Everything is checked before any model
+loads: first each field's type and range (all errors together), then the relations between
+fields, then every model file's contents (input_files.py). Each error is a ``ConfigError``
+naming the field, the value and what to do. Paths may be relative to the YAML file's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,19 +28,53 @@ from typing import Any
 import yaml
 
 REWARD_MODELS = ("hps", "mps")
-EXPERTS = ("high", "low")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-PRECISIONS = ("bf16", "fp16", "no")
-STRATEGIES = ("tail", "random")
-GAMING_GUARDS = ("warn", "stop", "off")
+# MPS variants: "official" scorer (threshold 0.3, ~100 x cosine) or the reference's training reward
+# (threshold 0.01, plain cosine); "seed" is the old name of "videox_fun"
+REWARD_VARIANTS = ("official", "videox_fun")
+REWARD_PREPROCESS = ("reference", "squash")
+DEPRECATED_KEYS = {"ema_last_checkpoints": "average_last_checkpoints"}  # old key -> new field
 
 
 class ConfigError(ValueError):
-    """A run configuration value is missing or wrong; ``field`` names it."""
+    """A run configuration value is missing or wrong; ``field`` names it (the first one when
+    several are wrong: ``errors`` holds every (field, message))."""
 
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"config field '{field_name}': {message}")
+    def __init__(self, field_name: str, message: str, errors: list[tuple[str, str]] | None = None):
+        self.errors = errors or [(field_name, message)]
+        super().__init__("; ".join(f"config field '{f}': {m}" for f, m in self.errors))
         self.field = field_name
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one config field accepts. ``kind``: int, float, bool, str, choice, path (a file,
+    required), path? (a file or null), str_list, str_list? (or null), int? (or null), rewards,
+    targets ("all_linear" or a list of module suffixes)."""
+
+    kind: str
+    doc: str
+    group: str
+    choices: tuple = ()
+    ge: float | None = None  # value >= ge
+    gt: float | None = None  # value > gt
+    le: float | None = None  # value <= le
+    lt: float | None = None  # value < lt
+    required: bool = False
+    folder: bool = False  # a path? that names a folder, not a file
+
+
+def option(default, kind: str, doc: str, *, group: str, **spec):
+    """A dataclass field with its Spec (in the field's metadata); ``default`` may be a factory."""
+    spec_obj = Spec(kind=kind, doc=doc, group=group, **spec)
+    if callable(default):
+        return field(default_factory=default, metadata={"spec": spec_obj})
+    return field(default=default, metadata={"spec": spec_obj})
+
+
+# one declaring function per group of the reference (docs/training-config.md)
+_models, _prompts, _rewards, _lora, _optimisation, _sampling, _backprop, _outputs, _guards = (
+    functools.partial(option, group=g) for g in ("models", "prompts", "rewards", "lora", "optimisation", "sampling",
+                                                 "backprop", "outputs", "guards"))
 
 
 @dataclass
@@ -121,8 +82,8 @@ class RewardSpec:
     model: str
     path: str
     weight: float = 1.0
-    variant: str | None = None
-    preprocess: str | None = None
+    variant: str | None = None  # MPS only: official (default) | videox_fun
+    preprocess: str | None = None  # reference (default) | squash
 
     @property
     def name(self) -> str:
@@ -131,74 +92,107 @@ class RewardSpec:
 
 @dataclass
 class TrainConfig:
-    # models
-    high_noise_model: str = ""
-    low_noise_model: str = ""
-    vae: str = ""
-    expert: str = "low"
-    prompt_embeddings: str | None = None
-    text_encoder: str | None = None
-    tokenizer: str | None = None
-    base_model_name: str = ""
-    # prompts
-    prompts: list[str] | None = None
-    prompts_file: str | None = None
-    negative_prompt: str = ""
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_prompts_file: str | None = None
-    # rewards
-    rewards: list[RewardSpec] = field(default_factory=list)
-    held_out_rewards: list[RewardSpec] = field(default_factory=list)
-    # LoRA
-    lora_rank: int = 128
-    lora_alpha: float = 64.0
-    lora_targets: Any = "all_linear"
-    lora_exclude: list[str] = field(default_factory=lambda: ["ffn"])
-    # optimisation
-    learning_rate: float = 1e-5
-    optimizer: str = "adamw"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-10
-    weight_decay: float = 3e-2
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 0.3
-    max_steps: int = 10000
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    seed: int = 42
-    gradient_checkpointing: bool = True
-    mixed_precision: str = "bf16"
-    # sampling
-    height: int = 256
-    width: int = 256
-    frames: int = 81
-    inference_steps: int = 40
-    guidance_scale: float = 6.0
-    shift: float = 5.0
-    boundary: float = 0.9
-    # backprop
-    backprop_strategy: str = "tail"
-    backprop_steps: int = 1
-    backprop_random_last: int = 5
-    decoded_latents: int = 1
-    reward_frames: int | None = None
-    # outputs, validation, guards
-    output_dir: str = ""
-    output_name: str = "reward_lora"
-    checkpoint_every: int = 100
-    checkpoints_keep: int = 2
-    resume: bool = True
-    validation_every: int = 0
-    validation_seed: int = 1234
-    gaming_guard: str = "warn"
-    gaming_patience: int = 2
-    ema_last_checkpoints: int = 0
-    sample_every: int = 0
-    preflight: bool = True
+    recipe: str | None = _models(None, "choice", "recipe whose values the other fields are set on top of "
+                                 "(recipes.py); recorded for the run",
+                                 choices=("videox_fun_low_hps", "videox_fun_high_mps", "recommended"))
+    expert: str = _models("low", "choice", "which expert's LoRA to train; both: the high-noise LoRA, then the "
+                         "low-noise LoRA sampling with it (two runs, see phases.py)", choices=("high", "low", "both"))
+    high_noise_model: str = _models("", "path", "ComfyUI diffusion_models file of the high-noise expert", required=True)
+    low_noise_model: str = _models("", "path", "the same for the low-noise expert (both are needed: every "
+                                  "trajectory crosses the boundary)", required=True)
+    vae: str = _models("", "path", "Wan2.1 VAE, ComfyUI vae-folder format", required=True)
+    prompt_embeddings: str | None = _models(None, "path?", "precomputed umT5 embeddings (safetensors, written by "
+                                           "models.write_prompt_embeddings)")
+    text_encoder: str | None = _models(None, "path?", "umt5-xxl encoder (ComfyUI text_encoders format)")
+    tokenizer: str | None = _models(None, "path?", "folder of the umt5 tokenizer; not needed for ComfyUI's umt5 "
+                                   "files, which embed theirs", folder=True)
+    base_model_name: str = _models("", "str", "recorded in the LoRA metadata")
+    init_lora: str | None = _models(None, "path?", "a LoRA (any key format the loader reads) the trained LoRA "
+                                   "starts from; its rank and alpha are used, its modules must be the targets")
+    frozen_expert_lora: str | None = _models(None, "path?", "a LoRA merged into the other (frozen) expert for "
+                                            "sampling, e.g. the high-noise reward LoRA when training the low one")
+    frozen_expert_lora_strength: float = _models(1.0, "float", "strength of frozen_expert_lora", ge=-10, le=10)
+    start_images: str | None = _models(None, "path?", "I2V / Fun-InP experts only: start images, one per training "
+                                      "sample, cycled (a folder of images or a safetensors [N, 3, H, W] in [0, 1]); "
+                                      "null: the reference's all-zero conditioning (text to video)")
+    validation_start_images: str | None = _models(None, "path?", "start images of the validation prompts (the same "
+                                                 "forms; prompt i uses image i mod N)")
+    prompts: list[str] | None = _prompts(None, "str_list?", "training prompts (or prompts_file); with neither, all "
+                                       "prompts of prompt_embeddings")
+    prompts_file: str | None = _prompts(None, "path?", "a text file, one prompt per line (blank lines skipped)")
+    negative_prompt: str = _prompts("", "str", "the reference trains with an empty negative prompt")
+    validation_prompts: list[str] = _prompts(list, "str_list", "held-out prompts (never trained on)")
+    validation_prompts_file: str | None = _prompts(None, "path?", "a text file of validation prompts")
+    rewards: list[RewardSpec] = _rewards(list, "rewards", "[{model: hps|mps, path, weight: 1.0, variant: "
+                                       "official|videox_fun (MPS), preprocess: reference|squash}]; loss = "
+                                       "sum_i w_i (1 - reward_i) / sum_i w_i", required=True)
+    held_out_rewards: list[RewardSpec] = _rewards(list, "rewards", "the same form, scored on validation only, never "
+                                                "optimised")
+    lora_rank: int = _lora(128, "int", "LoRA rank (the official reward LoRAs: 128)", ge=1, le=4096)
+    lora_alpha: float = _lora(64.0, "float", "LoRA alpha; scale alpha / rank (the official: 64)", gt=0, le=65536)
+    lora_targets: Any = _lora("all_linear", "targets", "'all_linear' or native module suffixes, e.g. "
+                               "[self_attn.q, cross_attn.k]")
+    lora_exclude: list[str] = _lora(lambda: ["ffn"], "str_list", "substrings of native module paths to skip "
+                                     "(the reference skips ffn)")
+    learning_rate: float = _optimisation(1e-5, "float", "AdamW learning rate", gt=0, lt=1)
+    optimizer: str = _optimisation("adamw", "choice", "torch AdamW", choices=("adamw",))
+    adam_beta1: float = _optimisation(0.9, "float", "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = _optimisation(0.999, "float", "AdamW beta2", ge=0, lt=1)
+    adam_epsilon: float = _optimisation(1e-10, "float", "AdamW epsilon", gt=0)
+    weight_decay: float = _optimisation(3e-2, "float", "AdamW weight decay", ge=0)
+    lr_scheduler: str = _optimisation("constant", "choice", "diffusers LR schedule (stepped once per optimizer step)",
+                               choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_warmup_steps: int = _optimisation(0, "int", "warm-up steps of the schedule", ge=0)
+    max_grad_norm: float = _optimisation(0.3, "float", "gradient clipping, really applied (DeepSpeed gradient_clipping or "
+                                  "torch clipping); 0 = off", ge=0)
+    max_steps: int = _optimisation(10000, "int", "optimizer steps; 0 writes the initial LoRA (e.g. init_lora) and stops",
+                            ge=0)
+    batch_size: int = _optimisation(1, "int", "prompts per process per micro-step", ge=1, le=64)
+    gradient_accumulation_steps: int = _optimisation(1, "int", "micro-steps per optimizer step; 0 = as many as "
+                                              "effective_batch needs with this many processes", ge=0, le=1024)
+    effective_batch: int | None = _optimisation(None, "int?", "the batch per optimizer step the run is meant to have "
+                                         "(batch_size x accumulation x processes); set by recipes", ge=1)
+    seed: int = _optimisation(42, "int", "random seed of the training draws (prompts, noise, window)", ge=0)
+    gradient_checkpointing: bool = _optimisation(True, "bool", "checkpoint the trained expert's blocks")
+    mixed_precision: str = _optimisation("bf16", "choice", "compute precision ('no' = float32, CPU runs; fp16 only under "
+                                  "DeepSpeed, which scales the loss)", choices=("bf16", "fp16", "no"))
+    height: int = _sampling(256, "int", "training video height, a multiple of 16", ge=16)
+    width: int = _sampling(256, "int", "training video width, a multiple of 16", ge=16)
+    frames: int = _sampling(81, "int", "frames per video, 4k+1", ge=1)
+    inference_steps: int = _sampling(40, "int", "denoising steps of a training trajectory", ge=1)
+    guidance_scale: float = _sampling(6.0, "float", "classifier-free guidance (on when > 1)", ge=1)
+    shift: float = _sampling(5.0, "float", "flow-matching schedule shift", gt=0)
+    boundary: float = _sampling(0.9, "float", "expert switch at t = boundary x 1000 (0.875 T2V, 0.9 I2V / Fun-InP)",
+                             gt=0, lt=1)
+    backprop_strategy: str = _backprop("tail", "choice", "tail: the last backprop_steps steps of the expert's range "
+                                    "(DRaFT-K); random: one step among its last backprop_random_last (AlignProp)",
+                                    choices=("tail", "random"))
+    backprop_steps: int = _backprop(1, "int", "steps run with gradients (tail)", ge=1)
+    backprop_random_last: int = _backprop(5, "int", "random: draw among this many last steps", ge=1)
+    decoded_latents: int = _backprop(1, "int", "latent frames decoded for the reward (1 = the first frame only)", ge=1)
+    reward_frames: int | None = _backprop(None, "int?", "frames sampled evenly from the decoded ones (null = all)",
+                                       ge=1)
+    motion_weight: float = _backprop(0.0, "float", "weight of the motion-preserving term (0 = off): a hinge on the "
+                                  "LoRA's frame-difference energy falling below the base model's", ge=0)
+    motion_latents: int = _backprop(2, "int", "latent frames decoded for the motion term (>= 2)", ge=2)
+    output_dir: str = _outputs("", "str", "everything of the run is written here", required=True)
+    output_name: str = _outputs("reward_lora", "str", "LoRA file stem: <output_dir>/<output_name>.safetensors")
+    checkpoint_every: int = _outputs(100, "int", "steps between checkpoints; 0 = only at the end / on request", ge=0)
+    checkpoints_keep: int = _outputs(2, "int", "checkpoints kept (older ones are deleted)", ge=1)
+    resume: bool = _outputs(True, "bool", "continue from <output_dir>/checkpoints/latest.json if present (refused if "
+                          "the config changed outside checkpoint.RESUME_HARMLESS); false: start over, an earlier "
+                          "checkpoints/ folder is renamed aside")
+    validation_every: int = _guards(0, "int", "steps between validations; 0 = off (needs validation prompts)", ge=0)
+    validation_seed: int = _guards(1234, "int", "noise seed of validation prompt i: validation_seed + i", ge=0)
+    gaming_guard: str = _guards("warn", "choice", "what to do when the training reward rises while a held-out reward "
+                               "or motion falls", choices=("warn", "stop", "off"))
+    gaming_patience: int = _guards(2, "int", "validations in a row that must show it before warn / stop", ge=1)
+    average_last_checkpoints: int = _guards(0, "int", ">1: also export the exact average of the last N checkpoint "
+                                           "LoRAs (one LoRA of rank N x lora_rank)", ge=0)
+    sample_every: int = _guards(0, "int", "steps between saving the decoded training frames as PNG (0 = off)", ge=0)
+    preflight: bool = _guards(True, "bool", "check GPUs and memory before loading models")
 
-    # ---- derived helpers -------------------------------------------------
+    # ---- derived -------------------------------------------------------------------------
     @property
     def lora_path(self) -> Path:
         return Path(self.output_dir) / f"{self.output_name}.safetensors"
@@ -208,8 +202,8 @@ class TrainConfig:
         return Path(self.output_dir) / f"{self.output_name}_best.safetensors"
 
     @property
-    def ema_lora_path(self) -> Path:
-        return Path(self.output_dir) / f"{self.output_name}_ema.safetensors"
+    def average_lora_path(self) -> Path:
+        return Path(self.output_dir) / f"{self.output_name}_average.safetensors"
 
     @property
     def latent_frames(self) -> int:
@@ -219,75 +213,48 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """sha256 (16 hex) of the settings that shape the LoRA (not paths of outputs)."""
+        """sha256 (16 hex) of the settings that shape the LoRA (not output paths or run control)."""
         data = self.to_dict()
-        for key in ("output_dir", "resume", "preflight", "checkpoint_every", "checkpoints_keep"):
+        for key in ("output_dir", "resume", "preflight", "checkpoint_every", "checkpoints_keep", "recipe"):
             data.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_INT_FIELDS = {"lora_rank", "lr_warmup_steps", "max_steps", "batch_size",
-               "gradient_accumulation_steps", "seed", "height", "width", "frames",
-               "inference_steps", "backprop_steps", "backprop_random_last", "decoded_latents",
-               "checkpoint_every", "checkpoints_keep", "validation_every", "validation_seed",
-               "gaming_patience", "ema_last_checkpoints", "sample_every"}
-_FLOAT_FIELDS = {"lora_alpha", "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon",
-                 "weight_decay", "max_grad_norm", "guidance_scale", "shift", "boundary"}
-_BOOL_FIELDS = {"gradient_checkpointing", "resume", "preflight"}
-_STR_FIELDS = {"high_noise_model", "low_noise_model", "vae", "expert", "base_model_name",
-               "negative_prompt", "optimizer", "lr_scheduler", "mixed_precision",
-               "backprop_strategy", "output_dir", "output_name", "gaming_guard"}
-_OPT_PATH_FIELDS = {"prompt_embeddings", "text_encoder", "tokenizer", "prompts_file",
-                    "validation_prompts_file"}
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _want_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, got {value!r}")
-    return value
+def spec(name: str) -> Spec:
+    """The declaration of config field ``name``."""
+    return FIELDS[name].metadata["spec"]
 
 
-def _want_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"must be a number, got {value!r}")
-    return float(value)
+def default(name: str):
+    """The default value of config field ``name``."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _reward_list(name: str, value) -> list[RewardSpec]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(name, f"must be a list of {{model, path, weight}} mappings, got {value!r}")
-    specs = []
-    for i, item in enumerate(value):
-        where = f"{name}[{i}]"
-        if isinstance(item, RewardSpec):
-            item = dataclasses.asdict(item)
-        if not isinstance(item, dict):
-            raise ConfigError(where, f"must be a mapping like {{model: hps, path: HPS_v2.1.pt}}, got {item!r}")
-        unknown = set(item) - {"model", "path", "weight", "variant", "preprocess"}
-        if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}",
-                              "unknown key (allowed: model, path, weight, variant, preprocess)")
-        model = item.get("model")
-        if model not in REWARD_MODELS:
-            raise ConfigError(f"{where}.model", f"must be one of {', '.join(REWARD_MODELS)}, got {model!r}")
-        path = item.get("path")
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"{where}.path", f"must be the reward model's checkpoint file, got {path!r}")
-        weight = _want_float(f"{where}.weight", item.get("weight", 1.0))
-        if weight < 0:
-            raise ConfigError(f"{where}.weight", f"must be >= 0, got {weight}")
-        variant = item.get("variant")
-        if variant is not None and not isinstance(variant, str):
-            raise ConfigError(f"{where}.variant", f"must be a string or null, got {variant!r}")
-        preprocess = item.get("preprocess")
-        if preprocess not in (None, "reference", "squash"):
-            raise ConfigError(f"{where}.preprocess", f"must be 'reference' (the reward model's own resize and "
-                              f"pad), 'squash' (the seed's 224x224 stretch) or null, got {preprocess!r}")
-        specs.append(RewardSpec(model=model, path=path, weight=weight, variant=variant, preprocess=preprocess))
-    return specs
+# ---- per-field checks --------------------------------------------------------------------
+
+def _range_text(s: Spec) -> str:
+    parts = []
+    for bound, op in ((s.ge, ">="), (s.gt, ">"), (s.le, "<="), (s.lt, "<")):
+        if bound is not None:
+            parts.append(f"{op} {bound:g}")
+    return " and ".join(parts)
+
+
+def _check_number(name: str, value, s: Spec):
+    integer = s.kind in ("int", "int?")
+    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
+        raise ConfigError(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
+    for bound, ok in ((s.ge, lambda b: value >= b), (s.gt, lambda b: value > b),
+                      (s.le, lambda b: value <= b), (s.lt, lambda b: value < b)):
+        if bound is not None and not ok(bound):
+            raise ConfigError(name, f"must be {_range_text(s)}, got {value}")
+    return value if integer else float(value)
 
 
 def _string_list(name: str, value) -> list[str]:
@@ -296,43 +263,108 @@ def _string_list(name: str, value) -> list[str]:
     return list(value)
 
 
+_REWARD_KEYS = ("model", "path", "weight", "variant", "preprocess")
+
+
+def _reward_spec(where: str, item) -> RewardSpec:
+    if isinstance(item, RewardSpec):
+        item = dataclasses.asdict(item)
+    if not isinstance(item, dict):
+        raise ConfigError(where, f"must be a mapping like {{model: hps, path: HPS_v2.1.pt}}, got {item!r}")
+    unknown = set(item) - set(_REWARD_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(_REWARD_KEYS)})")
+    model = item.get("model")
+    if model not in REWARD_MODELS:
+        raise ConfigError(f"{where}.model", f"must be one of {', '.join(REWARD_MODELS)}, got {model!r}")
+    path = item.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}.path", f"must be the reward model's checkpoint file, got {path!r}")
+    weight = _check_number(f"{where}.weight", item.get("weight", 1.0), Spec("float", "", "", ge=0))
+    variant = item.get("variant")
+    if variant == "seed":
+        warnings.warn(f"{where}.variant 'seed' is the old name of 'videox_fun'", DeprecationWarning, stacklevel=2)
+        variant = "videox_fun"
+    if variant is not None and (variant not in REWARD_VARIANTS or model != "mps"):
+        raise ConfigError(f"{where}.variant", f"must be null or, for MPS, one of {', '.join(REWARD_VARIANTS)} "
+                          f"(official: the single-image scorer, ~100 x cosine; videox_fun: the reference's training "
+                          f"reward, plain cosine), got {variant!r} for {model}")
+    preprocess = item.get("preprocess")
+    if preprocess not in (None,) + REWARD_PREPROCESS:
+        raise ConfigError(f"{where}.preprocess", f"must be 'reference' (the reward model's own resize and pad), "
+                          f"'squash' (the reference trainer's 224x224 stretch) or null, got {preprocess!r}")
+    return RewardSpec(model=model, path=path, weight=weight, variant=variant, preprocess=preprocess)
+
+
+def coerce(name: str, value):
+    """``value`` checked against field ``name``'s declaration (type, range, choices)."""
+    s = spec(name)
+    kind = s.kind
+    if value is None and (kind.endswith("?") or (kind == "choice" and default(name) is None)):
+        return None
+    if kind in ("int", "float", "int?"):
+        return _check_number(name, value, s)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be a string, got {value!r}")
+        return value
+    if kind == "choice":
+        if value not in s.choices:
+            raise ConfigError(name, f"must be one of {', '.join(map(str, s.choices))}, got {value!r}")
+        return value
+    if kind in ("path", "path?"):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(name, f"must be a {'folder' if s.folder else 'file'} path, got {value!r}")
+        return value
+    if kind == "str_list?":
+        return _string_list(name, value)
+    if kind == "str_list":
+        return _string_list(name, value if value is not None else [])
+    if kind == "rewards":
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(name, f"must be a list of {{model, path, weight}} mappings, got {value!r}")
+        return [_reward_spec(f"{name}[{i}]", item) for i, item in enumerate(value)]
+    if kind == "targets":
+        return value if value == "all_linear" else _string_list(name, value)
+    raise AssertionError(f"unknown kind {kind!r} of {name}")
+
+
 def config_from_dict(data: dict, base_dir: str | os.PathLike | None = None,
                      check_files: bool = True) -> TrainConfig:
-    """Build and validate a TrainConfig; relative paths resolve against ``base_dir``."""
+    """Build and validate a TrainConfig (a recipe's values first, ``data`` on top); relative
+    paths resolve against ``base_dir``."""
+    from .recipes import apply_recipe
+
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"the config must be a mapping of field: value, got {type(data).__name__}")
-    for key in data:
-        if key not in _FIELDS:
-            close = [f for f in _FIELDS if f.split("_")[0] == str(key).split("_")[0]]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(str(key), f"unknown field{hint}; see training/trainer/config.py for the schema")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _INT_FIELDS:
-            value = _want_int(key, value)
-        elif key in _FLOAT_FIELDS:
-            value = _want_float(key, value)
-        elif key in _BOOL_FIELDS:
-            if not isinstance(value, bool):
-                raise ConfigError(key, f"must be true or false, got {value!r}")
-        elif key in _STR_FIELDS:
-            if not isinstance(value, str):
-                raise ConfigError(key, f"must be a string, got {value!r}")
-        elif key in _OPT_PATH_FIELDS:
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(key, f"must be a file path or null, got {value!r}")
-        elif key in ("rewards", "held_out_rewards"):
-            value = _reward_list(key, value)
-        elif key in ("prompts",):
-            value = None if value is None else _string_list(key, value)
-        elif key in ("validation_prompts", "lora_exclude"):
-            value = _string_list(key, value if value is not None else [])
-        elif key == "reward_frames":
-            value = None if value is None else _want_int(key, value)
-        elif key == "lora_targets":
-            if value != "all_linear":
-                value = _string_list(key, value)
-        values[key] = value
+    data = dict(data)
+    for old, new in DEPRECATED_KEYS.items():
+        if old in data:
+            warnings.warn(f"config key {old!r} is deprecated: use {new!r}", DeprecationWarning, stacklevel=2)
+            data.setdefault(new, data.pop(old))
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        key = str(unknown[0])
+        close = [f for f in FIELDS if f.split("_")[0] == key.split("_")[0]]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(key, f"unknown field{hint}; see docs/training-config.md for every field")
+    if data.get("recipe") is not None:
+        coerce("recipe", data["recipe"])
+    values: dict[str, Any] = apply_recipe(data)
+    errors: list[tuple[str, str]] = []
+    for key in list(values):
+        try:
+            values[key] = coerce(key, values[key])
+        except ConfigError as exc:
+            errors += exc.errors
+    if errors:
+        raise ConfigError(errors[0][0], errors[0][1], errors)
     cfg = TrainConfig(**values)
     if base_dir is not None:
         _resolve_paths(cfg, Path(base_dir))
@@ -341,16 +373,19 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike | None = None,
 
 
 def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
-    for name in ("high_noise_model", "low_noise_model", "vae", "output_dir") + tuple(sorted(_OPT_PATH_FIELDS)):
+    names = [n for n in FIELDS if spec(n).kind in ("path", "path?")] + ["output_dir"]
+    for name in names:
         value = getattr(cfg, name)
         if value and not os.path.isabs(os.path.expanduser(value)):
             setattr(cfg, name, str(base / value))
         elif value:
             setattr(cfg, name, os.path.expanduser(value))
-    for spec in cfg.rewards + cfg.held_out_rewards:
-        if not os.path.isabs(os.path.expanduser(spec.path)):
-            spec.path = str(base / spec.path)
+    for reward in cfg.rewards + cfg.held_out_rewards:
+        if not os.path.isabs(os.path.expanduser(reward.path)):
+            reward.path = str(base / reward.path)
 
+
+# ---- relations between fields --------------------------------------------------------------
 
 def _need_file(name: str, path: str | None, what: str) -> None:
     if not path:
@@ -359,10 +394,23 @@ def _need_file(name: str, path: str | None, what: str) -> None:
         raise ConfigError(name, f"file not found: {path} (the {what})")
 
 
+def resolve_accumulation(cfg: TrainConfig, processes: int) -> int:
+    """Micro-steps per optimizer step for ``processes`` processes: the configured value, or with
+    ``gradient_accumulation_steps: 0`` the one that makes ``effective_batch``."""
+    if cfg.gradient_accumulation_steps:
+        return cfg.gradient_accumulation_steps
+    per_step = cfg.batch_size * processes
+    target = cfg.effective_batch or per_step
+    if target % per_step:
+        raise ConfigError("gradient_accumulation_steps", f"0 (automatic) cannot form the batch of {target} "
+                          f"(effective_batch) from batch_size {cfg.batch_size} x {processes} process(es): use a "
+                          f"process count and batch_size whose product divides {target}, or set "
+                          "gradient_accumulation_steps (the effective batch then differs from the recipe's)")
+    return target // per_step
+
+
 def validate(cfg: TrainConfig, check_files: bool = True) -> None:
-    """Raise ConfigError naming the first wrong field."""
-    if cfg.expert not in EXPERTS:
-        raise ConfigError("expert", f"must be 'high' or 'low', got {cfg.expert!r}")
+    """Raise ConfigError naming the first wrong field (relations between fields; files)."""
     for name, what in (("high_noise_model", "high-noise expert (ComfyUI diffusion_models file)"),
                        ("low_noise_model", "low-noise expert (ComfyUI diffusion_models file)"),
                        ("vae", "Wan2.1 VAE file")):
@@ -380,18 +428,15 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if not cfg.prompt_embeddings and not cfg.text_encoder:
         raise ConfigError("prompt_embeddings", "is required unless text_encoder (umt5-xxl) is given")
     if check_files:
-        for name in ("prompt_embeddings", "text_encoder", "prompts_file", "validation_prompts_file"):
+        for name in [n for n in FIELDS if spec(n).kind == "path?"]:
             value = getattr(cfg, name)
-            if value and not os.path.isfile(value):
+            if not value:
+                continue
+            if spec(name).folder or name.endswith("start_images"):
+                if not os.path.exists(value):
+                    raise ConfigError(name, f"not found: {value}")
+            elif not os.path.isfile(value):
                 raise ConfigError(name, f"file not found: {value}")
-        if cfg.tokenizer and not os.path.isdir(cfg.tokenizer):
-            raise ConfigError("tokenizer", f"folder not found: {cfg.tokenizer}")
-        if cfg.text_encoder and not cfg.tokenizer:
-            from .models import encoder_has_tokenizer
-
-            if not encoder_has_tokenizer(cfg.text_encoder):
-                raise ConfigError("tokenizer", f"{cfg.text_encoder} has no embedded tokenizer (ComfyUI's umt5 files "
-                                  "do): give the folder of the google/umt5-xxl tokenizer")
     if cfg.prompts is not None and cfg.prompts_file:
         raise ConfigError("prompts_file", "give either prompts or prompts_file, not both")
     if cfg.prompts is not None and not [p for p in cfg.prompts if p.strip()]:
@@ -404,93 +449,70 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> None:
     if sum(r.weight for r in cfg.rewards) <= 0:
         raise ConfigError("rewards", "the weights sum to 0: give at least one reward a positive weight")
     for group in ("rewards", "held_out_rewards"):
-        for i, spec in enumerate(getattr(cfg, group)):
-            if check_files and not os.path.isfile(spec.path):
-                raise ConfigError(f"{group}[{i}].path", f"file not found: {spec.path}")
-    # LoRA
-    if cfg.lora_rank < 1:
-        raise ConfigError("lora_rank", f"must be >= 1, got {cfg.lora_rank}")
-    if cfg.lora_alpha <= 0:
-        raise ConfigError("lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
+        for i, reward in enumerate(getattr(cfg, group)):
+            if check_files and not os.path.isfile(reward.path):
+                raise ConfigError(f"{group}[{i}].path", f"file not found: {reward.path}")
     if cfg.lora_targets != "all_linear" and not cfg.lora_targets:
         raise ConfigError("lora_targets", "is empty: use 'all_linear' or a list like ['self_attn.q', 'cross_attn.k']")
-    # optimisation
-    if not (0 < cfg.learning_rate < 1):
-        raise ConfigError("learning_rate", f"must be in (0, 1), got {cfg.learning_rate}")
-    if cfg.optimizer != "adamw":
-        raise ConfigError("optimizer", f"only 'adamw' is supported, got {cfg.optimizer!r}")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not (0 <= getattr(cfg, name) < 1):
-            raise ConfigError(name, f"must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.adam_epsilon <= 0:
-        raise ConfigError("adam_epsilon", f"must be > 0, got {cfg.adam_epsilon}")
-    if cfg.weight_decay < 0:
-        raise ConfigError("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
-    if cfg.lr_scheduler not in SCHEDULERS:
-        raise ConfigError("lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {cfg.lr_scheduler!r}")
-    if cfg.lr_warmup_steps < 0:
-        raise ConfigError("lr_warmup_steps", f"must be >= 0, got {cfg.lr_warmup_steps}")
-    if cfg.max_grad_norm < 0:
-        raise ConfigError("max_grad_norm", f"must be >= 0 (0 turns clipping off), got {cfg.max_grad_norm}")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "inference_steps",
-                 "backprop_steps", "decoded_latents"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(name, f"must be >= 1, got {getattr(cfg, name)}")
-    if cfg.mixed_precision not in PRECISIONS:
-        raise ConfigError("mixed_precision", f"must be one of {', '.join(PRECISIONS)}, got {cfg.mixed_precision!r}")
+    if cfg.effective_batch is not None and cfg.gradient_accumulation_steps == 0:
+        resolve_accumulation(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    elif cfg.gradient_accumulation_steps == 0:
+        raise ConfigError("gradient_accumulation_steps", "0 (automatic) needs effective_batch (the batch to form)")
     # sampling
     for name in ("height", "width"):
-        value = getattr(cfg, name)
-        if value < 16 or value % 16:
-            raise ConfigError(name, f"must be a positive multiple of 16, got {value}")
-    if cfg.frames < 1 or (cfg.frames - 1) % 4:
+        if getattr(cfg, name) % 16:
+            raise ConfigError(name, f"must be a positive multiple of 16, got {getattr(cfg, name)}")
+    if (cfg.frames - 1) % 4:
         raise ConfigError("frames", f"must be 4k+1 (1, 5, ..., 81), got {cfg.frames}")
-    if cfg.guidance_scale < 1:
-        raise ConfigError("guidance_scale", f"must be >= 1 (1 = no CFG), got {cfg.guidance_scale}")
-    if cfg.shift <= 0:
-        raise ConfigError("shift", f"must be > 0, got {cfg.shift}")
-    if not (0 < cfg.boundary < 1):
-        raise ConfigError("boundary", f"must be in (0, 1) (0.875 text-to-video, 0.9 image-to-video/InP), got {cfg.boundary}")
-    # backprop window (the step ranges need the sampler's schedule)
-    if cfg.backprop_strategy not in STRATEGIES:
-        raise ConfigError("backprop_strategy", f"must be 'tail' or 'random', got {cfg.backprop_strategy!r}")
-    from .sampler import expert_step_range  # light: no model code
-
-    first, last = expert_step_range(cfg.inference_steps, cfg.shift, cfg.boundary, cfg.expert)
-    n_range = last - first
-    if n_range <= 0:
-        raise ConfigError("boundary", f"with inference_steps={cfg.inference_steps}, shift={cfg.shift} and "
-                          f"boundary={cfg.boundary} the {cfg.expert}-noise expert gets no step")
-    if cfg.backprop_steps > n_range:
-        raise ConfigError("backprop_steps", f"is {cfg.backprop_steps} but the {cfg.expert}-noise expert has only "
-                          f"{n_range} steps (indices {first}..{last - 1})")
-    if cfg.backprop_strategy == "random" and not (1 <= cfg.backprop_random_last <= n_range):
-        raise ConfigError("backprop_random_last", f"must be in 1..{n_range} (the {cfg.expert}-noise expert's steps), "
-                          f"got {cfg.backprop_random_last}")
+    _check_window(cfg)
     if cfg.decoded_latents > cfg.latent_frames:
         raise ConfigError("decoded_latents", f"is {cfg.decoded_latents} but {cfg.frames} frames give only "
                           f"{cfg.latent_frames} latent frames")
     if cfg.reward_frames is not None:
         decoded = 1 + 4 * (cfg.decoded_latents - 1)
-        if not (1 <= cfg.reward_frames <= decoded):
+        if cfg.reward_frames > decoded:
             raise ConfigError("reward_frames", f"must be in 1..{decoded} (frames decoded from "
                               f"{cfg.decoded_latents} latents) or null, got {cfg.reward_frames}")
+    if cfg.motion_weight > 0 and cfg.motion_latents > cfg.latent_frames:
+        raise ConfigError("motion_latents", f"is {cfg.motion_latents} but {cfg.frames} frames give only "
+                          f"{cfg.latent_frames} latent frames; the motion term needs at least 2 (frames >= 5)")
     # checkpoints, validation, guards
-    for name in ("checkpoint_every", "validation_every", "ema_last_checkpoints", "sample_every"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
-    if cfg.checkpoints_keep < 1:
-        raise ConfigError("checkpoints_keep", f"must be >= 1, got {cfg.checkpoints_keep}")
-    if cfg.ema_last_checkpoints > cfg.checkpoints_keep:
-        raise ConfigError("ema_last_checkpoints", f"is {cfg.ema_last_checkpoints} but only checkpoints_keep="
+    if cfg.average_last_checkpoints > cfg.checkpoints_keep:
+        raise ConfigError("average_last_checkpoints", f"is {cfg.average_last_checkpoints} but only checkpoints_keep="
                           f"{cfg.checkpoints_keep} checkpoints are kept: raise checkpoints_keep")
     if cfg.validation_every and not (cfg.validation_prompts or cfg.validation_prompts_file):
         raise ConfigError("validation_prompts", "is empty but validation_every > 0: give held-out prompts")
-    if cfg.gaming_guard not in GAMING_GUARDS:
-        raise ConfigError("gaming_guard", f"must be one of {', '.join(GAMING_GUARDS)}, got {cfg.gaming_guard!r}")
-    if cfg.gaming_patience < 1:
-        raise ConfigError("gaming_patience", f"must be >= 1, got {cfg.gaming_patience}")
+    if cfg.held_out_rewards and not (cfg.validation_prompts or cfg.validation_prompts_file):
+        raise ConfigError("validation_prompts", "is empty but held_out_rewards are set: held-out rewards are scored "
+                          "on the validation prompts only; give validation prompts, or drop held_out_rewards")
+    if cfg.expert == "both" and (cfg.frozen_expert_lora or cfg.init_lora):
+        raise ConfigError("expert", "both trains the two LoRAs itself: drop frozen_expert_lora / init_lora, or train "
+                          "one expert")
+    if check_files:  # last: the values are sound, now the files' contents
+        from .input_files import check_input_files
 
+        check_input_files(cfg)
+
+
+def _check_window(cfg: TrainConfig) -> None:
+    """The backprop window fits the trained expert's share of the schedule."""
+    from .sampler import expert_step_range  # light: no model code
+
+    for expert in (("high", "low") if cfg.expert == "both" else (cfg.expert,)):
+        first, last = expert_step_range(cfg.inference_steps, cfg.shift, cfg.boundary, expert)
+        n_range = last - first
+        if n_range <= 0:
+            raise ConfigError("boundary", f"with inference_steps={cfg.inference_steps}, shift={cfg.shift} and "
+                              f"boundary={cfg.boundary} the {expert}-noise expert gets no step")
+        if cfg.backprop_steps > n_range:
+            raise ConfigError("backprop_steps", f"is {cfg.backprop_steps} but the {expert}-noise expert has only "
+                              f"{n_range} steps (indices {first}..{last - 1})")
+        if cfg.backprop_strategy == "random" and cfg.backprop_random_last > n_range:
+            raise ConfigError("backprop_random_last", f"must be in 1..{n_range} (the {expert}-noise expert's "
+                              f"steps), got {cfg.backprop_random_last}")
+
+
+# ---- files ------------------------------------------------------------------------------------
 
 def load_config(path: str | os.PathLike, check_files: bool = True) -> TrainConfig:
     """Read a YAML run config (safe_load) and validate it."""
@@ -507,7 +529,7 @@ def load_config(path: str | os.PathLike, check_files: bool = True) -> TrainConfi
 
 
 def dump_config(cfg: TrainConfig) -> str:
-    """YAML text of a config (what the node writes, and what the trainer records)."""
+    """YAML text of a config (what the trainer records)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
@@ -520,3 +542,37 @@ def read_prompt_file(path: str, field_name: str) -> list[str]:
     if not prompts:
         raise ConfigError(field_name, f"{path} holds no prompt (one prompt per line)")
     return prompts
+
+
+# ---- the reference, generated -------------------------------------------------------------------
+
+_KIND_TEXT = {"int": "int", "float": "float", "bool": "bool", "str": "str", "choice": "choice", "path": "file",
+              "path?": "file or null", "str_list": "list of str", "str_list?": "list of str or null",
+              "int?": "int or null", "rewards": "list of rewards", "targets": "all_linear or list of str"}
+
+
+def markdown_reference() -> str:
+    """The config reference (docs/training-config.md) from the declarations."""
+    lines = ["# Trainer config reference", "",
+             "Generated from `training/trainer/config.py` by `python -m training.trainer.config --markdown`; "
+             "a test keeps this file equal to it. `recipe: <name>` starts from a recipe's values "
+             "(`training/trainer/recipes.py`, [recipes](training.md#recipes)); the fields you set go on top.", ""]
+    group = None
+    for name, f in FIELDS.items():
+        s = spec(name)
+        if s.group != group:
+            group = s.group
+            lines += ["", f"## {group.capitalize()}", "", "| field | type | default | allowed | meaning |",
+                      "|---|---|---|---|---|"]
+        kind = _KIND_TEXT[s.kind] + (" (folder)" if s.folder else "")
+        allowed = ", ".join(map(str, s.choices)) if s.choices else _range_text(s)
+        value = "required" if s.required else json.dumps(default(name))
+        lines.append(f"| `{name}` | {kind} | {value} | {allowed} | {s.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(markdown_reference())
+    else:
+        sys.exit("usage: python -m training.trainer.config --markdown")

@@ -36,9 +36,10 @@ from .checkpoint import (
     recent_loras,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, dump_config, read_prompt_file
-from .lora import add_lora, lora_parameters, lora_state, native_modules, target_modules
-from .progress import EXIT_OK, TRAINER_TAG, Control, Progress
+from .config import ConfigError, TrainConfig, dump_config, read_prompt_file, resolve_accumulation
+from .conditioning import StartImages, read_start_images
+from .lora import add_lora, lora_parameters, lora_state, native_modules, set_lora_weights, target_modules
+from .progress import EXIT_ERROR, EXIT_OK, TRAINER_TAG, Control, Progress
 from .sampler import CFGDenoiser, backprop_window, make_schedule, sample
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -47,10 +48,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 # ---- set-up ---------------------------------------------------------------------------
 
 def make_accelerator(cfg: TrainConfig):
-    """accelerate.Accelerator; with DeepSpeed, our DeepSpeed JSON with the run's values."""
+    """(accelerate.Accelerator, uses DeepSpeed, micro-steps per optimizer step); with DeepSpeed, our
+    DeepSpeed JSON with the run's values."""
     from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = resolve_accumulation(cfg, world)
     cuda = torch.cuda.is_available()
     handlers = [] if cuda or world == 1 else [InitProcessGroupKwargs(backend="gloo")]
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -60,9 +63,9 @@ def make_accelerator(cfg: TrainConfig):
                           "DeepSpeed: use bf16 (or 'no' on CPU), or launch with a DeepSpeed accelerate config "
                           "such as training/configs/accelerate_zero3_offload.yaml")
     if not use_ds:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation,
                                   mixed_precision="no", cpu=not cuda, kwargs_handlers=handlers)
-        return accelerator, False
+        return accelerator, False, accumulation
     import deepspeed.ops
 
     if not cuda:
@@ -76,7 +79,7 @@ def make_accelerator(cfg: TrainConfig):
     ds.pop("scheduler", None)
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["gradient_accumulation_steps"] = accumulation
     ds["gradient_clipping"] = cfg.max_grad_norm  # really applied by the engine (0 = off)
     ds["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW: no cpu_adam JIT build
     ds["bf16"] = {"enabled": cfg.mixed_precision == "bf16"}
@@ -84,8 +87,8 @@ def make_accelerator(cfg: TrainConfig):
     ds.setdefault("steps_per_print", 10 ** 9)
     plugin = DeepSpeedPlugin(hf_ds_config=ds)
     accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    return accelerator, True
+                              gradient_accumulation_steps=accumulation)
+    return accelerator, True, accumulation
 
 
 @contextlib.contextmanager
@@ -144,32 +147,10 @@ def load_embeddings(cfg: TrainConfig, prompts: list[str], device) -> dict[str, t
         return encode_prompts_umt5(prompts, cfg.text_encoder, cfg.tokenizer, device, DTYPES[cfg.mixed_precision])
 
 
-def check_stack(cfg: TrainConfig, experts: dict, embeddings: dict) -> None:
-    """Before training: both experts take the same input (16 T2V or 36 InP channels) and read
-    text embeddings of the width the prompts have."""
-    width = next(iter(embeddings.values())).shape[-1]
-    channels = {}
-    for name in ("high", "low"):
-        field_name = f"{name}_noise_model"
-        config = getattr(experts[name], "module", experts[name]).config
-        channels[name] = config.in_channels
-        if config.in_channels not in (16, 36):
-            raise ConfigError(field_name, f"{getattr(cfg, field_name)} has {config.in_channels} input channels; "
-                              "supported: 16 (T2V) and 36 (I2V/Fun-InP)")
-        if config.text_dim != width:
-            source = "prompt_embeddings" if cfg.prompt_embeddings else "text_encoder"
-            raise ConfigError(field_name, f"{getattr(cfg, field_name)} reads text embeddings of width "
-                              f"{config.text_dim} but {source} ({getattr(cfg, source)}) gives {width}; "
-                              "use the umt5-xxl encoder (4096) or embeddings computed with it")
-    if channels["high"] != channels["low"]:
-        raise ConfigError("low_noise_model", f"the high-noise expert has {channels['high']} input channels and the "
-                          f"low-noise one {channels['low']}: both files must be the same model family "
-                          "(both T2V or both I2V/Fun-InP)")
-
-
-def adapt(cfg: TrainConfig, model) -> list[str]:
-    """Inject the LoRA; a target list that selects nothing (or an entry that matches no
-    module) is a config error naming lora_targets."""
+def adapt(cfg: TrainConfig, model) -> tuple[list[str], float]:
+    """Inject the LoRA (from ``init_lora`` when set: its rank, alpha and weights); returns the
+    adapted paths and the LoRA's alpha. A target list that selects nothing (or an entry that
+    matches no module) is a config error naming lora_targets."""
     from ..wan_names import diffusers_to_native
 
     names = target_modules(model, cfg.lora_targets, cfg.lora_exclude)
@@ -183,7 +164,17 @@ def adapt(cfg: TrainConfig, model) -> list[str]:
             raise ConfigError("lora_targets", f"{unused[0]!r} matches no adapted Linear layer (after "
                               f"lora_exclude={cfg.lora_exclude!r}); valid suffixes look like self_attn.q, "
                               "cross_attn.k, ffn.0, text_embedding.0")
-    return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_exclude)
+    if not cfg.init_lora:
+        return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_exclude), cfg.lora_alpha
+    from ..lora_format import read_lora
+
+    with file_field("init_lora"):
+        modules = read_lora(cfg.init_lora).as_modules()
+    _, down, alpha = next(iter(modules.values()))
+    alpha = float(down.shape[0]) if alpha is None else alpha  # no alpha: scale 1, as the loader reads it
+    adapted = add_lora(model, down.shape[0], alpha, cfg.lora_targets, cfg.lora_exclude)
+    set_lora_weights(model, modules)
+    return adapted, alpha
 
 
 def load_rewards(specs, device, dtype, field_name: str):
@@ -192,7 +183,8 @@ def load_rewards(specs, device, dtype, field_name: str):
     models = []
     for i, spec in enumerate(specs):
         try:
-            model = load_reward_model(spec.path, device=device, dtype=dtype, variant=spec.variant,
+            variant = {"videox_fun": "seed"}.get(spec.variant, spec.variant)  # the rewards package's name
+            model = load_reward_model(spec.path, device=device, dtype=dtype, variant=variant,
                                       preprocess=spec.preprocess or "reference")
         except UserFileError as exc:
             raise ConfigError(f"{field_name}[{i}].path", str(exc)) from exc
@@ -206,16 +198,53 @@ def load_rewards(specs, device, dtype, field_name: str):
 
 # ---- one step ------------------------------------------------------------------------
 
-class RewardTrainer:
-    """Holds the model stack and computes the reward loss of one micro-step."""
+def step_rng(seed: int, step: int, micro: int, rank: int) -> random.Random:
+    """The random draws (prompts, noise seed) of one micro-step of one rank: derived, never saved."""
+    return random.Random(f"{seed}-{step}-{micro}-{rank}")
 
-    def __init__(self, cfg: TrainConfig, experts: dict, vae, rewards, embeddings, train_prompts,
-                 device, rank: int):
+
+class StepFault(RuntimeError):
+    """A fault on one or more ranks that every rank knows of (raised on all ranks together)."""
+
+
+def agree_on_fault(local: str | None, accelerator, world: int) -> str | None:
+    """Collective: every rank learns whether any rank faulted, and what each said. Called by every
+    rank at the same point, before the next collective a faulted rank would not reach."""
+    if world == 1:
+        return f"rank 0: {local}" if local else None
+    flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+    if float(accelerator.reduce(flag, reduction="sum").item()) == 0:
+        return None
+    messages: list = [None] * world
+    torch.distributed.all_gather_object(messages, local)
+    return "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
+
+
+def guarded(compute):
+    """Run ``compute()``; an exception becomes a fault text (the rank carries on to agree with the others)."""
+    try:
+        return compute(), None
+    except Exception as exc:  # every fault of a step: the ranks must stop together, not hang
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+class RewardTrainer:
+    """Holds the model stack and computes the reward loss of one micro-step.
+
+    ``trained`` is the trained expert's model (or its DeepSpeed / accelerate wrapper), whose LoRA
+    the motion term switches off for the base trajectory. ``start_images`` /
+    ``validation_images``: I2V / Fun-InP start images (conditioning.StartImages) or None for
+    the reference's all-zero conditioning. Training sample k (counted over steps, micro-steps,
+    ranks and the batch) uses start image k mod N."""
+
+    def __init__(self, cfg: TrainConfig, experts: dict, vae, rewards, embeddings, train_prompts, device,
+                 rank: int, world: int = 1, accumulation: int = 1, start_images=None, validation_images=None):
         self.cfg, self.experts, self.vae, self.rewards = cfg, experts, vae, rewards
         self.embeddings, self.train_prompts, self.device, self.rank = embeddings, train_prompts, device, rank
+        self.world, self.accumulation = world, accumulation
+        self.start_images, self.validation_images = start_images, validation_images
         self.schedule = make_schedule(cfg.inference_steps, cfg.shift, cfg.boundary)
-        trained = experts[cfg.expert]
-        core = getattr(trained, "module", trained)
+        core = getattr(experts[cfg.expert], "module", experts[cfg.expert])
         self.in_channels = core.config.in_channels
         self.dtype = DTYPES[cfg.mixed_precision]
 
@@ -224,24 +253,32 @@ class RewardTrainer:
 
         return pad_context([self.embeddings[p].float() for p in prompts]).to(self.device)
 
-    def trajectory(self, prompts: list[str], generator: torch.Generator, window) -> torch.Tensor:
+    def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
-        batch = len(prompts)
         shape = (batch, 16, cfg.latent_frames, cfg.height // 8, cfg.width // 8)
-        noise = torch.randn(shape, generator=generator).to(self.device)
-        condition = None
-        if self.in_channels == 36:  # InP text-to-video: 4 mask + 16 masked-video latent channels, all zero
-            condition = torch.zeros(batch, 20, *shape[2:], device=self.device)
-        negative = self._context([cfg.negative_prompt] * batch) if cfg.guidance_scale > 1 else None
-        denoise = CFGDenoiser(self.experts, self._context(prompts), negative, cfg.guidance_scale,
-                              condition, self.dtype)
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def condition(self, batch: int, images, indices: list[int]) -> torch.Tensor | None:
+        """The InP channels (None for T2V experts): start images' conditioning, or zeros."""
+        from .conditioning import zero_condition
+
+        if self.in_channels != 36:
+            return None
+        if images is None:
+            return zero_condition(batch, self.cfg.latent_frames, self.cfg.height, self.cfg.width, self.device)
+        return images.condition(self.vae, indices, self.device)
+
+    def trajectory(self, prompts: list[str], noise: torch.Tensor, window, condition=None) -> torch.Tensor:
+        cfg = self.cfg
+        negative = self._context([cfg.negative_prompt] * len(prompts)) if cfg.guidance_scale > 1 else None
+        denoise = CFGDenoiser(self.experts, self._context(prompts), negative, cfg.guidance_scale, condition, self.dtype)
         return sample(denoise, noise, self.schedule, window)
 
-    def frames(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode the first ``decoded_latents`` latent frames -> [B, F, 3, H, W] in [0, 1]."""
+    def decode(self, latents: torch.Tensor, count: int) -> torch.Tensor:
+        """The first ``count`` latent frames decoded: [B, 3, 1 + 4 (count - 1), H, W] in [0, 1]."""
         from .models import decode_latents
 
-        return self.reward_frames(decode_latents(self.vae, latents[:, :, : self.cfg.decoded_latents]))
+        return decode_latents(self.vae, latents[:, :, :count])
 
     def reward_frames(self, video: torch.Tensor) -> torch.Tensor:
         """Decoded frames [B, 3, F', H, W] (of the first ``decoded_latents`` latents or more) ->
@@ -260,25 +297,57 @@ class RewardTrainer:
         repeated = [p for p in prompts for _ in range(f)]
         return {spec.name: model.score(flat, repeated).float().view(b, f).mean(1) for spec, model in rewards}
 
-    def step_inputs(self, step: int, micro: int) -> tuple[list[str], torch.Generator, tuple[int, int]]:
+    def step_inputs(self, step: int, micro: int) -> tuple[list[str], torch.Generator, tuple[int, int], list[int]]:
+        """Prompts, noise generator, backprop window and start-image indices of one micro-step."""
         cfg = self.cfg
-        rng = random.Random(f"{cfg.seed}-{step}-{micro}-{self.rank}")
+        rng = step_rng(cfg.seed, step, micro, self.rank)
         prompts = [rng.choice(self.train_prompts) for _ in range(cfg.batch_size)]
         generator = torch.Generator().manual_seed(rng.randrange(2 ** 62))
         # the window is the same on every rank (ZeRO-3 needs the same forwards everywhere)
         window = backprop_window(self.schedule, cfg.expert, cfg.backprop_strategy, cfg.backprop_steps,
                                  cfg.backprop_random_last, random.Random(f"{cfg.seed}-{step}-{micro}-window"))
-        return prompts, generator, window
+        first = ((step * self.accumulation + micro) * self.world + self.rank) * cfg.batch_size
+        return prompts, generator, window, list(range(first, first + cfg.batch_size))
+
+    def motion_term(self, video: torch.Tensor, prompts: list[str], noise: torch.Tensor, condition) -> torch.Tensor:
+        """The motion-preserving hinge: this trajectory's decoded ``motion_latents`` against the base
+        model's (LoRA off, no gradients) from the same noise, prompts and conditioning."""
+        from ..rewards.motion import motion_hinge
+        from .lora import adapters_disabled
+
+        count = self.cfg.motion_latents
+        with torch.no_grad(), adapters_disabled(self.experts[self.cfg.expert]):
+            base = self.decode(self.trajectory(prompts, noise, None, condition), count)
+        frames = video[:, :, : 1 + 4 * (count - 1)].permute(0, 2, 1, 3, 4)
+        return motion_hinge(frames, base.permute(0, 2, 1, 3, 4))
 
     def loss(self, step: int, micro: int):
-        prompts, generator, window = self.step_inputs(step, micro)
-        latents = self.trajectory(prompts, generator, window)
-        frames = self.frames(latents)
+        """(loss, weighted reward, {reward: mean, motion_term: value}, reward frames) of one micro-step."""
+        cfg = self.cfg
+        prompts, generator, window, images = self.step_inputs(step, micro)
+        noise = self.noise(len(prompts), generator)
+        condition = self.condition(len(prompts), self.start_images, images)
+        latents = self.trajectory(prompts, noise, window, condition)
+        video = self.decode(latents, max(cfg.decoded_latents, cfg.motion_latents if cfg.motion_weight else 1))
+        frames = self.reward_frames(video)
+        if not bool(torch.isfinite(frames).all()):
+            raise FloatingPointError(f"the decoded frames of prompt(s) {prompts} hold NaN or inf values (the LoRA "
+                                     "diverged, or an input such as a prompt embedding is not finite)")
         scores = self.score(frames, prompts, self.rewards)
+        bad = [name for name, value in scores.items() if not bool(torch.isfinite(value).all())]
+        if bad:
+            raise FloatingPointError(f"reward {bad[0]} is not finite for prompt(s) {prompts}")
         total_weight = sum(spec.weight for spec, _ in self.rewards)
         loss = sum(spec.weight * (1 - scores[spec.name]).mean() for spec, _ in self.rewards) / total_weight
+        parts = {k: float(v.detach().mean()) for k, v in scores.items()}
+        if cfg.motion_weight:
+            term = self.motion_term(video, prompts, noise, condition)
+            loss = loss + cfg.motion_weight * term
+            parts["motion_term"] = float(term.detach())
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"the loss is {float(loss)} for prompt(s) {prompts}")
         weighted = sum(spec.weight * scores[spec.name].detach().mean() for spec, _ in self.rewards) / total_weight
-        return loss, float(weighted), {k: float(v.detach().mean()) for k, v in scores.items()}, frames.detach()
+        return loss, float(weighted), parts, frames.detach()
 
 
 # ---- validation and guards ---------------------------------------------------------
@@ -320,13 +389,15 @@ class GamingGuard:
 
 
 def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, rank: int = 0, world: int = 1,
-             reduce_sum=lambda t: t) -> dict:
+             reduce_sum=lambda t: t, agree=lambda fault: fault) -> dict:
     """Score held-out prompts (no gradients): training rewards, held-out rewards, motion.
 
     Prompt i uses noise seed ``seed + i``. With several processes, rank r scores prompts
     r, r + world, ...; every rank runs the same number of trajectories (under ZeRO-3 each
     forward is a collective), a rank short of prompts repeats one and does not count it.
-    ``reduce_sum`` sums a tensor over ranks; every rank gets the same means.
+    ``reduce_sum`` sums a tensor over ranks; every rank gets the same means. A rank whose
+    scoring fails goes on with the trajectories; ``agree`` (``agree_on_fault``) then tells every
+    rank, and all raise ``StepFault`` together.
     """
     from ..rewards import motion_score
     from .models import decode_latents
@@ -337,18 +408,24 @@ def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, ra
     sums = torch.zeros(3 + len(names) + len(held_names), dtype=torch.float64)
     mine = list(range(rank, len(prompts), world))
     rounds = -(-len(prompts) // world)
+    fault = None
     with torch.no_grad():
         for n in range(rounds):
             counted = n < len(mine)
             i = mine[n] if counted else mine[-1] if mine else 0
-            generator = torch.Generator().manual_seed(seed + i)
-            latents = trainer.trajectory([prompts[i]], generator, None)
+            noise = trainer.noise(1, torch.Generator().manual_seed(seed + i))
+            condition = trainer.condition(1, trainer.validation_images, [i])
+            latents = trainer.trajectory([prompts[i]], noise, None, condition)
             video = decode_latents(trainer.vae, latents)  # once: the reward frames are its first ones
-            if not counted:
+            if not counted or fault:
                 continue
             first = trainer.reward_frames(video)
-            scores = trainer.score(first, [prompts[i]], trainer.rewards)
-            held = trainer.score(first, [prompts[i]], held_out)
+            result, fault = guarded(lambda: (trainer.score(first, [prompts[i]], trainer.rewards),
+                                             trainer.score(first, [prompts[i]], held_out)))
+            if fault:
+                fault = f"validation of prompt {prompts[i]!r}: {fault}"
+                continue
+            scores, held = result
             sums[0] += 1
             if video.shape[2] > 1:
                 sums[1] += float(motion_score(video.permute(0, 2, 1, 3, 4)[0]))
@@ -357,6 +434,9 @@ def validate(trainer: RewardTrainer, held_out, prompts: list[str], seed: int, ra
                 sums[3 + k] += float(scores[name])
             for k, name in enumerate(held_names):
                 sums[3 + len(names) + k] += float(held[name])
+    agreed = agree(fault)
+    if agreed:
+        raise StepFault(agreed)
     sums = reduce_sum(sums)
     count = float(sums[0])
     return {"rewards": {name: float(sums[3 + k]) / count for k, name in enumerate(names)},
@@ -452,7 +532,7 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     from ..lora_format import save_canonical_lora
     from .models import load_wan_expert, load_wan_vae
 
-    accelerator, use_ds = make_accelerator(cfg)
+    accelerator, use_ds, accumulation = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     progress.main = accelerator.is_main_process
     output = Path(cfg.output_dir)
@@ -476,16 +556,17 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
     # otherwise build the reward CLIP under zero.Init with empty parameters).
     with _no_zero_init(accelerator) if use_ds else contextlib.nullcontext():
         experts = {}
+        other_name = "low" if cfg.expert == "high" else "high"
         for name in ("high", "low"):
-            with file_field(f"{name}_noise_model"):
-                experts[name] = load_wan_expert(getattr(cfg, f"{name}_noise_model"), dtype)
-        check_stack(cfg, experts, embeddings)
+            merge = (cfg.frozen_expert_lora, cfg.frozen_expert_lora_strength) \
+                if name == other_name and cfg.frozen_expert_lora else None
+            with file_field(f"{name}_noise_model" if merge is None else "frozen_expert_lora"):
+                experts[name] = load_wan_expert(getattr(cfg, f"{name}_noise_model"), dtype, merge_lora=merge)
         trained = experts[cfg.expert]
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same on every rank
-        adapted = adapt(cfg, trained)
+        adapted, lora_alpha = adapt(cfg, trained)
         if cfg.gradient_checkpointing:
             trained.enable_gradient_checkpointing()
-        other_name = "low" if cfg.expert == "high" else "high"
         experts[other_name] = experts[other_name].to(device)
         with file_field("vae"):
             vae = load_wan_vae(cfg.vae, dtype).to(device)
@@ -504,18 +585,22 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
         trained = trained.to(device)
     model, optimizer = accelerator.prepare(trained, optimizer)
     experts[cfg.expert] = model
-    trainer = RewardTrainer(cfg, experts, vae, rewards, embeddings, train_prompts, device, rank)
+    start_images, validation_images = (
+        StartImages(read_start_images(path), cfg.height, cfg.width, cfg.frames) if path else None
+        for path in (cfg.start_images, cfg.validation_start_images))
+    trainer = RewardTrainer(cfg, experts, vae, rewards, embeddings, train_prompts, device, rank, world, accumulation,
+                            start_images, validation_images)
 
     metadata = {"base_model": cfg.base_model_name or Path(cfg.high_noise_model if cfg.expert == "high"
                                                            else cfg.low_noise_model).name,
                 "expert": cfg.expert, "rewards": json.dumps({s.name: s.weight for s in cfg.rewards}),
-                "rank": str(cfg.lora_rank), "alpha": str(cfg.lora_alpha), "config_hash": cfg.config_hash(),
+                "rank": str(cfg.lora_rank), "alpha": str(lora_alpha), "config_hash": cfg.config_hash(),
                 "trainer": TRAINER_TAG}
 
     def write_lora(path: Path, step: int):
         state = lora_state(model)  # collective under ZeRO-3: every rank must call it
         if accelerator.is_main_process:
-            save_canonical_lora(path, native_modules(state, cfg.lora_alpha), {**metadata, "steps": str(step)})
+            save_canonical_lora(path, native_modules(state, lora_alpha), {**metadata, "steps": str(step)})
         return path
 
     guard = GamingGuard(cfg.gaming_patience)
@@ -544,10 +629,16 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
                           resumed_from=resumed_from, replaced_checkpoints=str(replaced) if replaced else None,
                           adapted_modules=len(adapted), deepspeed=use_ds,
                           gradient_clipping=float(model.gradient_clipping()) if use_ds else cfg.max_grad_norm,
-                          memory_at_start_mb=round(_current_memory_mb(device), 1))
+                          memory_at_start_mb=round(_current_memory_mb(device), 1), recipe=cfg.recipe,
+                          batch_size=cfg.batch_size, gradient_accumulation_steps=accumulation,
+                          effective_batch=cfg.batch_size * accumulation * world, lora_rank=cfg.lora_rank,
+                          lora_alpha=lora_alpha, init_lora=cfg.init_lora, start_images=len(start_images or ()))
     if use_ds:
         started_fields.update(_deepspeed_layout(model, params))
     progress.emit("started", **started_fields)
+    if cfg.init_lora and lora_alpha != cfg.lora_alpha:
+        progress.emit("warning", step=start, message=f"lora_alpha {cfg.lora_alpha:g} replaced by init_lora's "
+                      f"alpha {lora_alpha:g} ({cfg.init_lora}): a continued LoRA keeps its scale")
     if replaced:
         progress.emit("warning", step=start, message=f"resume: false: the earlier run's checkpoints were moved to "
                       f"{replaced}; this run starts over")
@@ -579,12 +670,27 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
             return tensor
         return accelerator.reduce(tensor.float().to(device), reduction="sum").cpu().double()
 
+    def stop_on_fault(fault: str, step: int) -> int:
+        """Every rank got here together: save the last good step (when it is new), tell once, exit."""
+        if step > start:
+            checkpoint(step, "fault")
+            kept = f"the last good step ({step}) is saved: checkpoint and LoRA {cfg.lora_path}"
+        elif start:
+            kept = f"no new step to save: the checkpoint of step {start} is kept"
+        else:
+            kept = "no step had completed, so nothing was saved"
+        progress.emit("error", kind="runtime", field=None, step=step,
+                      message=f"training stopped on every rank: {fault}. {kept}; fix the cause and start the run "
+                              "again with resume on to continue from the last checkpoint")
+        return EXIT_ERROR
+
     criterion_name = selection_criterion(cfg)
 
     def run_validation(step: int) -> bool:
         """Validate, keep the best LoRA by the criterion; True if the guard tripped. The
         decisions are rank 0's, broadcast, so every rank gathers the LoRA together."""
-        result = validate(trainer, held_out, val_prompts, cfg.validation_seed, rank, world, reduce_sum)
+        result = validate(trainer, held_out, val_prompts, cfg.validation_seed, rank, world, reduce_sum,
+                          lambda fault: agree_on_fault(fault, accelerator, world))
         train_val = sum(result["rewards"].values()) / len(result["rewards"])
         held = sum(result["held_out"].values()) / len(result["held_out"]) if result["held_out"] else None
         criterion = held if held is not None else train_val
@@ -607,84 +713,93 @@ def train(cfg: TrainConfig, progress: Progress, reward_loader=load_rewards) -> i
             progress.emit("warning", step=step, message=warning)
         return tripped
 
-    if cfg.validation_every and val_prompts and start == 0:
-        run_validation(0)  # the base model's scores: the guard's reference and the first best candidate
-    sample_next = False
-    reason = "completed"
     step = start
-    started = time.time()
-    while step < cfg.max_steps:
-        t0 = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        losses, rewards_mean, per_reward = [], [], {}
-        grad_norm = None
-        for micro in range(cfg.gradient_accumulation_steps):
-            with accelerator.accumulate(model):
-                loss, weighted, scores, frames = trainer.loss(step, micro)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if not use_ds and cfg.max_grad_norm > 0:
-                        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            rewards_mean.append(weighted)
-            for k, v in scores.items():
-                per_reward.setdefault(k, []).append(v)
-            del loss
-        if use_ds:
-            norm = model.get_global_grad_norm()
-            grad_norm = None if norm is None else float(norm)
-        scheduler.step()
-        step += 1
-        if sample_next or (cfg.sample_every and step % cfg.sample_every == 0):
-            if accelerator.is_main_process:
-                progress.emit("sample", step=step, paths=_save_pngs(frames, output / "samples", step))
-            sample_next = False
-        del frames
-        metrics = torch.tensor([sum(losses) / len(losses), sum(rewards_mean) / len(rewards_mean)]
-                               + [sum(v) / len(v) for v in per_reward.values()], device=device)
-        metrics = accelerator.reduce(metrics, reduction="mean").cpu() if world > 1 else metrics.cpu()
-        seconds = time.time() - t0
-        done = step - start
-        progress.emit("step", step=step, max_steps=cfg.max_steps, loss=float(metrics[0]), reward=float(metrics[1]),
-                      rewards={k: float(metrics[2 + i]) for i, k in enumerate(per_reward)},
-                      lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=round(seconds, 4),
-                      peak_memory_mb=round(_peak_memory_mb(device), 1),
-                      eta_seconds=round((time.time() - started) / done * (cfg.max_steps - step), 1))
+    try:
+        if cfg.validation_every and val_prompts and start == 0:
+            run_validation(0)  # the base model's scores: the guard's reference and the first best candidate
+        sample_next = False
+        reason = "completed"
+        started = time.time()
+        while step < cfg.max_steps:
+            t0 = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            losses, rewards_mean, per_reward = [], [], {}
+            grad_norm = None
+            for micro in range(accumulation):
+                with accelerator.accumulate(model):
+                    result, fault = guarded(lambda: trainer.loss(step, micro))
+                    fault = agree_on_fault(fault, accelerator, world)  # before the backward's collectives
+                    if fault:
+                        raise StepFault(f"step {step + 1}: {fault}")
+                    loss, weighted, scores, frames = result
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if not use_ds and cfg.max_grad_norm > 0:
+                            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                rewards_mean.append(weighted)
+                for k, v in scores.items():
+                    per_reward.setdefault(k, []).append(v)
+                del loss
+            if use_ds:
+                norm = model.get_global_grad_norm()
+                grad_norm = None if norm is None else float(norm)
+            scheduler.step()
+            step += 1
+            if sample_next or (cfg.sample_every and step % cfg.sample_every == 0):
+                if accelerator.is_main_process:
+                    progress.emit("sample", step=step, paths=_save_pngs(frames, output / "samples", step))
+                sample_next = False
+            del frames
+            metrics = torch.tensor([sum(losses) / len(losses), sum(rewards_mean) / len(rewards_mean)]
+                                   + [sum(v) / len(v) for v in per_reward.values()], device=device)
+            metrics = accelerator.reduce(metrics, reduction="mean").cpu() if world > 1 else metrics.cpu()
+            seconds = time.time() - t0
+            done = step - start
+            means = {k: float(metrics[2 + i]) for i, k in enumerate(per_reward)}
+            motion = {"motion_term": means.pop("motion_term")} if "motion_term" in means else {}
+            progress.emit("step", step=step, max_steps=cfg.max_steps, loss=float(metrics[0]), reward=float(metrics[1]),
+                          rewards=means, **motion,
+                          lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=round(seconds, 4),
+                          peak_memory_mb=round(_peak_memory_mb(device), 1),
+                          eta_seconds=round((time.time() - started) / done * (cfg.max_steps - step), 1))
 
-        if cfg.validation_every and step % cfg.validation_every == 0 and val_prompts:
-            if run_validation(step) and cfg.gaming_guard == "stop":
-                reason = "gaming_guard"
+            if cfg.validation_every and step % cfg.validation_every == 0 and val_prompts:
+                if run_validation(step) and cfg.gaming_guard == "stop":
+                    reason = "gaming_guard"
 
-        requests = agreed(control.poll())
-        if requests["sample_now"]:
-            sample_next = True
-        if requests["stop"] or reason == "gaming_guard":
-            checkpoint(step, "stop" if reason != "gaming_guard" else "gaming_guard")
-            reason = reason if reason == "gaming_guard" else "stopped"
-            break
-        if requests["save_now"]:
-            checkpoint(step, "save_now")
-        elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            checkpoint(step, "periodic")
-    else:
-        checkpoint(step, "final")
+            requests = agreed(control.poll())
+            if requests["sample_now"]:
+                sample_next = True
+            if requests["stop"] or reason == "gaming_guard":
+                checkpoint(step, "stop" if reason != "gaming_guard" else "gaming_guard")
+                reason = reason if reason == "gaming_guard" else "stopped"
+                break
+            if requests["save_now"]:
+                checkpoint(step, "save_now")
+            elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(step, "periodic")
+        else:
+            checkpoint(step, "final")
+    except StepFault as fault:
+        return stop_on_fault(str(fault), step)
 
     average_path = None
-    if cfg.ema_last_checkpoints > 1 and accelerator.is_main_process:
-        loras = recent_loras(output, cfg.ema_last_checkpoints)
+    if cfg.average_last_checkpoints > 1 and accelerator.is_main_process:
+        loras = recent_loras(output, cfg.average_last_checkpoints)
         if len(loras) > 1:
             average_path = save_canonical_lora(
-                cfg.ema_lora_path, average_loras(loras),
+                cfg.average_lora_path, average_loras(loras),
                 {**metadata, "steps": str(step), "averaged_checkpoints": str(len(loras)),
                  "averaged_steps": ",".join(p.parent.name.split("-")[-1].lstrip("0") or "0" for p in loras),
                  "rank": str(cfg.lora_rank * len(loras)), "alpha": str(float(cfg.lora_rank * len(loras))),
                  "averaging": "exact average of the last checkpoints' LoRAs (not an EMA)"})
     progress.emit("finished", step=step, reason=reason, lora_path=str(cfg.lora_path),
                   best_lora_path=str(best["path"]) if best["path"] else None,
-                  ema_lora_path=str(average_path) if average_path else None)
+                  average_lora_path=str(average_path) if average_path else None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return EXIT_OK

@@ -10,25 +10,27 @@ import torch
 from ..wan_names import diffusers_to_native
 
 
-def target_modules(model: torch.nn.Module, targets, exclude: list[str]) -> list[str]:
-    """diffusers module paths of the Linear layers to adapt.
+def select_targets(natives, targets, exclude: list[str]) -> list[str]:
+    """The native module paths among ``natives`` (Linear layers) that a LoRA adapts.
 
     ``targets``: "all_linear" or native suffixes (``self_attn.q``, ``text_embedding.0``);
-    ``exclude``: substrings of native paths to skip (the seed skips ``ffn``).
+    ``exclude``: substrings of native paths to skip (the reference skips ``ffn``).
     """
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        native = diffusers_to_native(name)
-        if native is None:
-            continue
+    chosen = []
+    for native in natives:
         if any(part in native for part in exclude):
             continue
         if targets != "all_linear" and not any(native == t or native.endswith("." + t) for t in targets):
             continue
-        names.append(name)
-    return names
+        chosen.append(native)
+    return chosen
+
+
+def target_modules(model: torch.nn.Module, targets, exclude: list[str]) -> list[str]:
+    """diffusers module paths of the Linear layers of ``model`` to adapt (see ``select_targets``)."""
+    linears = {diffusers_to_native(name): name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and diffusers_to_native(name) is not None}
+    return [linears[native] for native in select_targets(linears, targets, exclude)]
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets, exclude: list[str]) -> list[str]:
@@ -105,3 +107,41 @@ def native_modules(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str,
             raise ValueError(f"no native Wan name for the adapted module {path}")
         out[native] = (ups[path], down, alpha)
     return out
+
+
+def set_lora_weights(model: torch.nn.Module, modules: Mapping[str, tuple]) -> None:
+    """Give the injected adapters the weights of a LoRA: ``modules`` is {native path: (up, down,
+    alpha)} (e.g. ``LoadedLora.as_modules()``); every adapted module must be in it. Called before
+    the model is handed to DeepSpeed (the parameters are whole then)."""
+    params = lora_parameters(model)
+    by_native: dict[str, dict[str, torch.nn.Parameter]] = {}
+    for name, param in params.items():
+        path, part = (name.split(".lora_A.")[0], "down") if ".lora_A." in name else (name.split(".lora_B.")[0], "up")
+        by_native.setdefault(diffusers_to_native(_clean(path)), {})[part] = param
+    missing = sorted(set(by_native) - set(modules))
+    if missing:
+        raise ValueError(f"the LoRA lacks {len(missing)} adapted modules, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for native, parts in by_native.items():
+            up, down, _ = modules[native]
+            parts["up"].copy_(up.to(parts["up"].dtype).reshape(parts["up"].shape))
+            parts["down"].copy_(down.to(parts["down"].dtype).reshape(parts["down"].shape))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The model without its LoRA (the base model), for a no-grad pass: peft's per-layer switch,
+    set directly because ``enable_adapters`` also flips ``requires_grad``, which must not change
+    under an optimizer that holds these parameters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or not all(hasattr(m, "_disable_adapters") for m in layers):
+        raise RuntimeError("no peft LoRA layers with a disable switch in the model (peft changed?)")
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False

@@ -98,12 +98,21 @@ def _build(cls, config: dict, sd: dict, what: str):
     return model
 
 
-def load_wan_expert(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
-    """A ComfyUI-format Wan expert as a frozen diffusers ``WanTransformer3DModel`` (eval, CPU)."""
+def load_wan_expert(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                    merge_lora: tuple[str, float] | None = None):
+    """A ComfyUI-format Wan expert as a frozen diffusers ``WanTransformer3DModel`` (eval, CPU).
+
+    ``merge_lora``: (LoRA file, strength) merged into the weights, ``W + s * alpha/rank * up @
+    down`` as ComfyUI applies it (for a frozen expert: exact, and no adapters to run)."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     native = strip_prefix(dequantize(read_state_dict(path, "Wan expert"), dtype, f"Wan expert {path}"))
+    if merge_lora is not None:
+        from ..lora_format import merged_weights, read_lora
+
+        merged = merged_weights(native, read_lora(merge_lora[0]), merge_lora[1])
+        native.update({k: v.to(dtype) for k, v in merged.items()})
     config = wan_config_from_state_dict(native, str(path))
     converted = convert_wan_transformer_to_diffusers(dict(native))
     model = _build(WanTransformer3DModel, config, converted, f"Wan expert {path}")
@@ -175,19 +184,6 @@ def read_prompt_embeddings(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     prompts = prompts_in_embeddings(path)
     tensors = load_file(str(path))
     return {p: tensors[f"emb.{i}"] for i, p in enumerate(prompts)}
-
-
-def encoder_has_tokenizer(path: str | os.PathLike) -> bool:
-    """ComfyUI's umt5 files carry their sentencepiece model as a ``spiece_model`` tensor."""
-    if not str(path).endswith((".safetensors", ".sft")):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            return "spiece_model" in handle.keys()
-    except Exception:
-        return False
 
 
 def _tokenize(prompt: str, spiece, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,8 @@ appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`
               mean of the training rewards), rewards {name: mean}, lr, grad_norm (before
               clipping, null if unknown), seconds (this step), peak_memory_mb (GPU: peak
               allocated this step; CPU: the process's peak resident set), eta_seconds
-  checkpoint  step, path (checkpoint folder), lora_path, reason (periodic|stop|save_now|final)
+  checkpoint  step, path (checkpoint folder), lora_path, reason (periodic|stop|save_now|final|
+              gaming_guard|fault)
   validation  step, rewards {name: mean over validation prompts}, held_out {name: mean},
               motion, best (bool: this step's LoRA is the new best), best_lora_path (null
               while the base model scores best), criterion (what "best" is measured by: the
@@ -25,8 +26,9 @@ appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`
   sample      step, paths (PNG files of the decoded training frames)
   warning     step, message (e.g. reward gaming suspected)
   finished    step, reason (completed|stopped|gaming_guard), lora_path, best_lora_path
-              (or null), ema_lora_path (or null)
-  error       message, kind (config|preflight|runtime), field (config field or null)
+              (or null), average_lora_path (or null)
+  error       message, kind (config|preflight|runtime), field (config field or null); a fault in a
+              training step (every rank stops together) also step: the last good step, saved first
   checked     config_hash (only with --check-only: config and machine are fine, nothing loaded)
 
 Control: create an empty file named ``STOP``, ``SAVE_NOW`` or ``SAMPLE_NOW`` in the output
