@@ -6,6 +6,7 @@ training/trainer/launcher.py in its own process group; ComfyUI is never relaunch
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,8 +20,8 @@ from ..training.rewards.registry import checkpoint_kind
 from ..training.trainer.config import ConfigError, TrainConfig, config_from_dict, dump_config
 from ..training.trainer.curves import final_scores_text, plot_training_curve, run_events
 from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, TrainerProcess, build_command, build_env,
-                                         check_publish_target, failure_message, parse_devices,
-                                         publish_lora, run_lock)
+                                         check_publish_target, failure_message, interrupted_run_notice,
+                                         parse_devices, publish_lora, run_lock)
 from .folders import REWARD_MODELS
 
 CATEGORY = "Wan Reward LoRA/training"
@@ -218,6 +219,13 @@ class WanRewardLoraTrain(io.ComfyNode):
         except LaunchError as exc:
             raise RuntimeError(str(exc)) from None
         try:  # the run folder is written only while its lock is held
+            try:  # a trainer a dead ComfyUI left running is never trained over
+                notice = interrupted_run_notice(run_dir, folder_lock.previous.get(name), bool(resume))
+            except LaunchError as exc:
+                raise RuntimeError(str(exc)) from None
+            if notice:
+                logging.warning("Reward LoRA Train: %s", notice)
+                _send({"event": "warning", "message": notice}, cls.hidden.unique_id, _current_prompt_id())
             run_dir.mkdir(parents=True, exist_ok=True)
             config = cls._config(args, name, run_dir, devices)
             try:  # before hours of training: the target must be absent or this run's own LoRA

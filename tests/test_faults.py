@@ -284,3 +284,101 @@ def test_killed_while_publishing_leaves_the_old_or_the_new_lora_whole(tmp_path):
     publish_lora(run / "x.safetensors", target, run)  # the next publish completes and removes it
     assert target.read_bytes() == new
     assert sorted(p.name for p in loras.iterdir()) == ["x.safetensors"]
+
+
+# ---- ComfyUI dies while a run holds its lock -----------------------------------------------------
+
+COMFYUI_STANDIN = textwrap.dedent("""
+    import subprocess, sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from training.trainer.launcher import ENTRY_SCRIPT, run_lock
+
+    runs, name = Path(sys.argv[1]), sys.argv[2]
+    lock = run_lock(runs, name, owner=f"ComfyUI node 7, output {name!r}").acquire()
+    # its trainer: the command line of a real one, in a session of its own (as the launcher starts it)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(ENTRY_SCRIPT),
+                                "--config", str(runs / name / "run.yaml")], start_new_session=True)
+    print(trainer.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _fake_checkpoint(run_dir: Path, step: int) -> Path:
+    folder = run_dir / "checkpoints" / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer-rank0.pt").write_bytes(b"")
+    (folder / "run.json").write_text("{}")
+    (run_dir / "checkpoints" / "latest.json").write_text(json.dumps({"step": step, "dir": folder.name}))
+    return folder
+
+
+def _kill(pid: int) -> None:
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_dead_comfyuis_run_lock_is_stale_its_trainer_is_not_trained_over(tmp_path):
+    import signal
+    import time
+
+    from training.trainer.launcher import LaunchError, interrupted_run_notice, run_lock, trainer_processes
+
+    runs = tmp_path / "wan_reward_lora"
+    run_dir = runs / "x"
+    step_three = _fake_checkpoint(run_dir, 3)
+    script = tmp_path / "comfyui.py"
+    script.write_text(COMFYUI_STANDIN)
+    comfyui = subprocess.Popen([sys.executable, str(script), str(runs), "x", str(ROOT)], stdout=subprocess.PIPE,
+                               text=True)
+    trainer_pid = int(comfyui.stdout.readline())
+    try:
+        with pytest.raises(LaunchError, match="the run 'x' is already training"):
+            run_lock(runs, "x").acquire()
+        comfyui.send_signal(signal.SIGKILL)  # ComfyUI dies; its trainer lives on
+        comfyui.wait()
+        lock = run_lock(runs, "x", owner="ComfyUI node 9, output 'x'").acquire()  # flock ended with the holder
+        holder = f"ComfyUI node 7, output 'x' pid {comfyui.pid}"
+        assert lock.previous == {"x": holder}
+        assert [p.pid for p in trainer_processes(run_dir)] == [trainer_pid]
+        with pytest.raises(LaunchError) as refused:
+            interrupted_run_notice(run_dir, lock.previous["x"], resume=True)
+        assert str(refused.value).startswith(
+            f"the run 'x' is still being trained by earlier trainer processes (pids {trainer_pid}; left by {holder}, "
+            "which ended while it was training). Training it again now would write the same checkpoints twice.")
+        assert f"kill {trainer_pid}" in str(refused.value) and "queue again with resume on" in str(refused.value)
+    finally:
+        _kill(trainer_pid)
+        _kill(comfyui.pid)
+    deadline = time.monotonic() + 10
+    while trainer_processes(run_dir):  # the old trainer has exited: the user is told how the run goes on
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    notice = interrupted_run_notice(run_dir, lock.previous["x"], resume=True)
+    assert notice == (f"an earlier run of 'x' was interrupted ({holder} ended while it was training); its last "
+                      f"checkpoint is step 3 ({step_three}): resume is on, so training continues from it.")
+    notice = interrupted_run_notice(run_dir, lock.previous["x"], resume=False)
+    assert "resume is off, so those checkpoints are moved aside" in notice and "continue from step 3" in notice
+    lock.release()
+    again = run_lock(runs, "x").acquire()  # a run that ended normally leaves nothing to report
+    assert again.previous == {} and interrupted_run_notice(run_dir, None, resume=True) is None
+    again.release()
+
+
+def test_a_trainer_started_by_hand_in_the_run_folder_is_not_trained_over(tmp_path):
+    from training.trainer.launcher import ENTRY_SCRIPT, LaunchError, interrupted_run_notice
+
+    run_dir = tmp_path / "wan_reward_lora" / "y"
+    run_dir.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(ENTRY_SCRIPT), "--config",
+                              "run.yaml"], cwd=run_dir)  # a relative --config: resolved in its working folder
+    try:  # Popen returns after the exec: the command line is the trainer's
+        with pytest.raises(LaunchError, match=rf"pids {other.pid}; not started by this ComfyUI"):
+            interrupted_run_notice(run_dir, None, resume=True)
+        assert interrupted_run_notice(tmp_path / "wan_reward_lora" / "z", None, resume=True) is None  # another run
+    finally:
+        other.kill()
+        other.wait()
+

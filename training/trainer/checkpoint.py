@@ -55,7 +55,8 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder (``step-000100``, or one renamed aside), from its name."""
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else None
 
@@ -66,8 +67,8 @@ def _complete(path: Path) -> bool:
 
 def step_dirs(root: Path) -> list[Path]:
     """Complete ``step-*`` folders, oldest step first (by number, not by name)."""
-    dirs = [p for p in root.glob("step-*") if _step_of(p) is not None and _complete(p)]
-    return sorted(dirs, key=_step_of)
+    dirs = [p for p in root.glob("step-*") if step_of(p) is not None and _complete(p)]
+    return sorted(dirs, key=step_of)
 
 
 def move_aside(output_dir: str | Path) -> Path | None:
@@ -149,7 +150,7 @@ def checkpoint_disk_full(output_dir: str | Path, step: int) -> DiskFullError:
                 "training starts from step 0.")
         need = "space"
     else:
-        last = _step_of(previous)
+        last = step_of(previous)
         kept = (f"The last complete checkpoint, step {last} ({previous}), and the LoRA files in {output_dir} are "
                 f"unchanged: after freeing space, run again (in ComfyUI queue again) with resume on and training "
                 f"continues from step {last}.")
@@ -175,8 +176,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
             return path
     except (OSError, ValueError, AttributeError):
         pass
-    candidates = [p for p in root.glob("*step-*") if _step_of(p) is not None and _complete(p)]
-    return max(candidates, key=lambda p: (_step_of(p), p.name.startswith("step-")), default=None)
+    candidates = [p for p in root.glob("*step-*") if step_of(p) is not None and _complete(p)]
+    return max(candidates, key=lambda p: (step_of(p), p.name.startswith("step-")), default=None)
 
 
 def recent_loras(output_dir: str | Path, count: int) -> list[Path]:

@@ -232,6 +232,9 @@ class DeviceLock:
         self.owner = owner
         self.folder = folder or lock_dir()
         self._handles: list = []
+        # key -> what the lock file said when this lock was taken: a holder that died holding it
+        # (flock ends with the process, the "owner pid N" text stays; a release empties it)
+        self.previous: dict[str, str] = {}
 
     def acquire(self) -> "DeviceLock":
         for key in self.keys:
@@ -254,6 +257,10 @@ class DeviceLock:
                 raise LaunchError(f"{what} is already training ({holder}); wait for that run to finish, "
                                   "cancel it, or choose other GPUs") from None
             handle.seek(0)
+            left = handle.read().strip()
+            if left:
+                self.previous[key] = left
+            handle.seek(0)
             handle.truncate()
             handle.write(f"{self.owner} pid {os.getpid()}")
             handle.flush()
@@ -275,6 +282,65 @@ class DeviceLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# ---- a run interrupted by the death of its caller ---------------------------------------------
+
+TRAINER_MARKERS = (ENTRY_SCRIPT.name, "training.trainer.cli")  # in the command line of every trainer process
+
+
+def trainer_processes(run_dir: str | os.PathLike) -> list[psutil.Process]:
+    """Live processes of a trainer (launcher, agent, ranks) whose ``--config`` is a file in
+    ``run_dir``, whoever started them: a ComfyUI that has died, or a command line."""
+    run_dir = Path(run_dir).resolve()
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.pid == os.getpid() or not any(m in arg for arg in cmd for m in TRAINER_MARKERS):
+            continue
+        configs = [cmd[i + 1] for i, arg in enumerate(cmd[:-1]) if arg == "--config"]
+        configs += [arg.split("=", 1)[1] for arg in cmd if arg.startswith("--config=")]
+        try:
+            paths = [Path(c) if Path(c).is_absolute() else Path(proc.cwd()) / c for c in configs]
+            if any(p.resolve().parent == run_dir for p in paths) and _alive(proc):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def interrupted_run_notice(run_dir: str | os.PathLike, previous_holder: str | None, resume: bool) -> str | None:
+    """Call with the run's lock held. LaunchError while trainer processes of ``run_dir`` still
+    live (a dead ComfyUI's trainer saving before it stops, or one started by hand): training over
+    them would write the same checkpoints twice. Otherwise, when ``previous_holder`` (the text a
+    dead holder left in the run's lock) is set, what became of that run and how this one goes on."""
+    run_dir = Path(run_dir)
+    name = run_dir.name
+    live = trainer_processes(run_dir)
+    if live:
+        pids = " ".join(str(p.pid) for p in live)
+        by = (f"left by {previous_holder}, which ended while it was training" if previous_holder
+              else "not started by this ComfyUI")
+        raise LaunchError(
+            f"the run {name!r} is still being trained by earlier trainer processes (pids {pids}; {by}). "
+            "Training it again now would write the same checkpoints twice. A trainer whose ComfyUI is gone saves a "
+            "checkpoint and exits by itself at the end of its current step: wait until those processes have "
+            f"exited (or end them: kill {pids}), then queue again with resume on to continue from the last "
+            "checkpoint.")
+    if not previous_holder:
+        return None
+    from .checkpoint import latest_checkpoint, step_of
+
+    found = latest_checkpoint(run_dir)
+    head = f"an earlier run of {name!r} was interrupted ({previous_holder} ended while it was training)"
+    if found is None:
+        return f"{head}; it left no checkpoint, so this run starts from step 0."
+    step = step_of(found)
+    if resume:
+        return f"{head}; its last checkpoint is step {step} ({found}): resume is on, so training continues from it."
+    return (f"{head}; its last checkpoint is step {step} ({found}). resume is off, so those checkpoints are moved "
+            f"aside and training starts over: to continue from step {step} instead, cancel and queue again with "
+            "resume on.")
 
 
 # ---- the running trainer ------------------------------------------------------------------
