@@ -11,7 +11,7 @@ import sys
 import traceback
 
 from .config import ConfigError, load_config
-from .progress import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREFLIGHT, Progress
+from .progress import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREFLIGHT, Progress, warn
 
 
 def _is_main_process() -> bool:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.emit("error", kind="config", field=exc.field, message=str(exc))
         return EXIT_CONFIG
     except Exception as exc:  # report, then a non-zero exit; the traceback goes to stderr
-        traceback.print_exc()
+        warn(traceback.format_exc().rstrip())
         progress.emit("error", kind="runtime", field=None, message=f"{type(exc).__name__}: {exc}")
         return EXIT_ERROR
 

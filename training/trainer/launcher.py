@@ -10,16 +10,19 @@ launcher's tree, after ``kill_s`` more SIGKILL to them. The tree is collected wi
 by process group: torch's elastic agent starts each rank in a session of its own, so a
 ``killpg`` on the launcher's group would never reach the ranks.
 
-If the caller dies (ComfyUI killed), the launcher gets SIGTERM from the kernel (Linux
-``PR_SET_PDEATHSIG``; torch's agent then terminates its workers), and the trainer finds the
-caller's pid in ``WAN_REWARD_PARENT_PID``.
+If the caller dies (ComfyUI killed), nothing signals the launcher: the trainer finds the
+caller's pid in ``WAN_REWARD_PARENT_PID`` gone, saves a checkpoint at the end of its step and
+exits (its events then reach metrics.jsonl only), and the launcher ends with it. A parent-death
+SIGTERM to the launcher, used before, lost the steps since the last checkpoint: accelerate's
+launcher (1.16) passes it on and SIGKILLs its child 5 s later, and the trainer's next event met
+the dead pipe. A trainer that has not stopped after ``WAN_REWARD_ORPHAN_GRACE_S`` ends itself
+(progress.py).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import ctypes
 import fcntl
 import json
 import os
@@ -391,7 +394,7 @@ class TrainerProcess:
         self.process = subprocess.Popen(
             self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, text=True, encoding="utf-8", errors="replace",
-            bufsize=1, preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 (only prctl + getppid run in it)
+            bufsize=1,
         )
         try:
             self._tree[self.process.pid] = psutil.Process(self.process.pid)
@@ -577,28 +580,6 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int):
-    """preexec_fn for Linux: SIGTERM the child when the thread that started it dies (ComfyUI starts
-    runs from its long-lived prompt worker thread); elsewhere nothing. Written by hand: neither the
-    standard library nor psutil sets the parent-death signal."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl: act now
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 # ---- publishing the LoRA ---------------------------------------------------------------------
