@@ -320,7 +320,7 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_a_dead_comfyuis_run_lock_is_stale_its_trainer_is_not_trained_over(tmp_path):
+def test_a_dead_callers_run_lock_is_stale_its_trainer_is_not_trained_over(tmp_path):
     import signal
     import time
 
