@@ -5,9 +5,9 @@ from comfy_api.latest import ComfyExtension, io
 from .folders import register_model_folders
 
 # One module per capability; each exports NODES, a list of io.ComfyNode classes.
-from . import lora_loader, reward_nodes, train_node
+from . import lora_loader, reward_nodes, train_node, train_options
 
-_NODE_MODULES = (lora_loader, reward_nodes, train_node)
+_NODE_MODULES = (lora_loader, reward_nodes, train_node, train_options)
 
 
 class WanRewardExtension(ComfyExtension):

@@ -137,6 +137,10 @@ class ComfyUIServer:
         response.raise_for_status()
         return response
 
+    def listen(self, event_type: str) -> "EventListener":
+        """Collect this client's websocket messages of ``event_type`` (start before queueing)."""
+        return EventListener(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", event_type)
+
     def object_info(self) -> dict:
         return self.get("/object_info").json()
 
@@ -174,6 +178,49 @@ class ComfyUIServer:
         if entry["status"]["status_str"] == "success":
             raise AssertionError(f"prompt succeeded but an error was expected: {entry['outputs']}")
         return PromptFailed(entry).message
+
+
+class EventListener:
+    """A websocket client in a thread, keeping the ``data`` of every JSON message of one type."""
+
+    def __init__(self, url: str, event_type: str):
+        import threading
+
+        import websocket
+
+        self.event_type = event_type
+        self.messages: list[dict] = []
+        self._ws = websocket.create_connection(url, timeout=5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        import websocket
+
+        while not self._stop.is_set():
+            try:
+                raw = self._ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketException, OSError):
+                return
+            if not isinstance(raw, str) or not raw:
+                continue  # binary previews; an empty frame when the socket closes
+            message = json.loads(raw)
+            if message.get("type") == self.event_type:
+                self.messages.append(message["data"])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._ws.close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class PromptFailed(AssertionError):

@@ -11,13 +11,14 @@ import pytest
 import requests
 import torch
 
-from training.rewards.tiny import write_tiny_hps_checkpoint
+from training.rewards.tiny import write_tiny_hps_checkpoint, write_tiny_mps_checkpoint
 from training.safe_io import save_safetensors
 from training.tiny_models import random_prompt_embeddings, tiny_vae_state_dict, tiny_wan_state_dict
 from training.trainer.models import write_prompt_embeddings
 
 pytestmark = pytest.mark.comfyui
 PROMPTS = ["a red fox running through snow", "a sailboat on a calm lake at sunset"]
+VALIDATION_PROMPTS = ["a lighthouse on a rocky coast", "a bowl of fruit on a wooden table"]
 
 
 def write_tiny_models(comfyui):
@@ -28,8 +29,9 @@ def write_tiny_models(comfyui):
     save_safetensors(tiny_wan_state_dict(seed=2), comfyui.model_path("diffusion_models", "tiny_train_low.safetensors"))
     save_safetensors(tiny_vae_state_dict(seed=3), comfyui.model_path("vae", "tiny_train_vae.safetensors"))
     write_tiny_hps_checkpoint(comfyui.model_path("reward_models", "HPS_v2.1_train_tiny.safetensors"), seed=0)
+    write_tiny_mps_checkpoint(comfyui.model_path("reward_models", "MPS_train_tiny.safetensors"), seed=0)
     write_prompt_embeddings(comfyui.input / "tiny_prompt_embeddings.safetensors",
-                            random_prompt_embeddings([""] + PROMPTS))
+                            random_prompt_embeddings([""] + PROMPTS + VALIDATION_PROMPTS))
     return comfyui
 
 
@@ -66,6 +68,7 @@ def train_prompt(output_name: str, steps: int, checkpoint_every: int = 0, resume
         width=32, height=32, frames=5, backprop_steps=1, gpus="cpu:2", deepspeed="none",
         output_name=output_name, resume=resume, prompt_embeddings="tiny_prompt_embeddings.safetensors",
         inference_steps=8, guidance_scale=3.0, shift=5.0, boundary=0.9, seed=0, checkpoint_every=checkpoint_every,
+        gradient_accumulation=1,
     )
     inputs.update(extra)
     return {"1": {"class_type": "WanRewardLoraTrain", "inputs": inputs}}
@@ -99,7 +102,7 @@ def _trainer_pids(marker: str) -> list[int]:
 def test_train_node_registered(comfyui):
     info = comfyui.object_info()["WanRewardLoraTrain"]
     assert info["display_name"] == "Reward LoRA Train"
-    assert info["output"] == ["COMBO", "IMAGE", "STRING"]
+    assert info["output"] == ["COMBO", "IMAGE", "STRING", "COMBO", "INT"]
     assert info["input"]["required"]["deepspeed"][1]["options"] == ["zero3_offload", "zero3", "zero2", "none"]
 
 
@@ -308,3 +311,82 @@ def test_comfyui_killed_mid_run_then_restarted_resumes_and_says_so(tmp_path):
     started = [e for e in _events(second, name) if e["event"] == "started"]
     assert started[-1]["step"] == last and started[-1]["resumed_from"].endswith(f"step-{last:06d}")
     assert json.loads(outputs["1"]["text"][0])["steps"] == last + 2
+
+
+def _loader_report(comfyui, lora_high: str, lora_low: str) -> str:
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_high.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_low.safetensors", "weight_dtype": "default"}},
+        "3": {"class_type": "WanRewardDualLoraLoader", "inputs": {
+            "model_high": ["1", 0], "model_low": ["2", 0], "lora_high": lora_high, "strength_high": 1.0,
+            "lora_low": lora_low, "strength_low": 1.0}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}},
+    }
+    return comfyui.run(graph, timeout=300)["4"]["text"][0]
+
+
+def test_options_node_validation_samples_and_best_lora(tiny_models):
+    comfyui = tiny_models
+    graph = train_prompt("tiny_opts", steps=4, learning_rate=1e-2, deepspeed="none", gpus="cpu")
+    graph["1"]["inputs"]["options"] = ["2", 0]
+    graph["2"] = {"class_type": "WanRewardLoraTrainOptions", "inputs": {
+        "validation_prompts": "\n".join(VALIDATION_PROMPTS), "validation_every": 2, "held_out_reward": "none",
+        "held_out_variant": "recipe", "held_out_reward_2": "none", "gaming_guard": "warn", "gaming_patience": 2,
+        "sample_every": 2, "average_last_checkpoints": 0, "motion_weight": 0.0}}
+    graph["3"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 3]}}  # best_lora_name
+    graph["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 4]}}  # best_step
+    with comfyui.listen("wan_reward.train") as events:
+        outputs = comfyui.run(graph, timeout=600)
+    names = [e["event"] for e in events.messages]
+    assert "plan" in names and "validation" in names, names
+    plan = next(e for e in events.messages if e["event"] == "plan")
+    assert "recipe recommended" in plan["text"] and "effective batch 1" in plan["text"]
+    assert "the recipe trains at" in plan["text"] or "trains at 8" in plan["text"]  # the batch warning
+    samples = [e for e in events.messages if e["event"] == "sample"]
+    assert [s["step"] for s in samples] == [2, 4] and samples[0]["images"], samples
+    ref = samples[0]["images"][0]
+    image = comfyui.get("/view", params=ref)
+    assert image.headers["Content-Type"].startswith("image/") and image.content[:4] == b"\x89PNG"
+    validations = [e for e in events.messages if e["event"] == "validation"]
+    assert [v["step"] for v in validations] == [0, 2, 4]
+    best_step = validations[-1]["best_step"]
+    assert best_step in (2, 4), "the LoRA should beat the base model on its own reward after 4 steps at lr 1e-2"
+    assert outputs["3"]["text"][0] == "tiny_opts_best.safetensors" and outputs["4"]["text"][0] == str(best_step)
+    published = comfyui.get("/models/loras").json()
+    assert "tiny_opts_best.safetensors" in published and "tiny_opts.safetensors" in published
+    report = json.loads(outputs["1"]["text"][0])
+    assert report["validation"]["step"] == 4 and "recipe recommended" in report["plan"]
+
+
+def test_both_experts_publish_a_pair_the_loader_pairs_and_resume_continues_the_low_phase(tiny_models):
+    from training.lora_pairing import partner_name
+
+    comfyui = tiny_models
+    graph = train_prompt("tiny_pair", steps=2, expert="both", deepspeed="none", gpus="cpu")
+    stopped = False
+    with comfyui.listen("wan_reward.train") as events:
+        prompt_id = comfyui.queue(graph)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not stopped:  # Cancel once the low-noise phase has started
+            if any(e["event"] == "started" and e.get("phase") == "low" for e in events.messages):
+                requests.post(f"{comfyui.url}/interrupt", json={}, timeout=10)
+                stopped = True
+            time.sleep(0.2)
+        comfyui.wait(prompt_id, timeout=300)
+    assert stopped, [e["event"] for e in events.messages]
+    high_dir = comfyui.output / "wan_reward_lora" / "tiny_pair" / "high_noise"
+    assert (high_dir / "tiny_pair_high_noise.safetensors").is_file()
+    # queued again: the finished high-noise phase is not run again, the low-noise phase continues
+    with comfyui.listen("wan_reward.train") as events:
+        outputs = comfyui.run(graph, timeout=600)
+    started = [e.get("phase") for e in events.messages if e["event"] == "started"]
+    assert started == ["low"], started
+    assert sum(1 for e in _events(comfyui, "tiny_pair/high_noise") if e["event"] == "started") == 1
+    published = comfyui.get("/models/loras").json()
+    high, low = "tiny_pair_high_noise.safetensors", "tiny_pair_low_noise.safetensors"
+    assert high in published and low in published
+    assert partner_name(high, published) == low and partner_name(low, published) == high
+    report = _loader_report(comfyui, high, low)
+    assert report.count("keys unmatched: 0;") == 2 and "shape mismatches: 0" in report, report
+    scores = json.loads(outputs["1"]["text"][0])
+    assert scores["high"]["steps"] == 2 and scores["low"]["steps"] == 2

@@ -368,17 +368,26 @@ def test_a_dead_callers_run_lock_is_stale_its_trainer_is_not_trained_over(tmp_pa
 
 
 def test_a_trainer_started_by_hand_in_the_run_folder_is_not_trained_over(tmp_path):
+    """Also for a phase of ``expert: both`` (its own subfolder of the run)."""
     from training.trainer.launcher import ENTRY_SCRIPT, LaunchError, interrupted_run_notice
 
     run_dir = tmp_path / "wan_reward_lora" / "y"
-    run_dir.mkdir(parents=True)
+    phase = run_dir / "low_noise"
+    phase.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(ENTRY_SCRIPT), "--config",
-                              "run.yaml"], cwd=run_dir)  # a relative --config: resolved in its working folder
+                              "run.yaml"], cwd=phase)  # a relative --config: resolved in its working folder
     try:  # Popen returns after the exec: the command line is the trainer's
         with pytest.raises(LaunchError, match=rf"pids {other.pid}; not started by this ComfyUI"):
             interrupted_run_notice(run_dir, None, resume=True)
-        assert interrupted_run_notice(tmp_path / "wan_reward_lora" / "z", None, resume=True) is None  # another run
+        (tmp_path / "wan_reward_lora" / "y2").mkdir()  # a run whose name starts alike is another run
+        assert interrupted_run_notice(tmp_path / "wan_reward_lora" / "y2", None, resume=True) is None
     finally:
         other.kill()
         other.wait()
+    _fake_checkpoint(run_dir / "high_noise", 4)
+    five = _fake_checkpoint(phase, 5)  # written last: the phase that was running
+    later = five.stat().st_mtime + 10
+    os.utime(five, (later, later))
+    notice = interrupted_run_notice(run_dir, "ComfyUI node 3, output 'y' pid 1", resume=True)
+    assert f"its last checkpoint is step 5 ({five})" in notice
 

@@ -2,12 +2,14 @@
 // events; Score Frames: the per-frame scores (the node's ui text) shown on the node.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { EVENT_FIELDS } from "./progress_events.js";
 
 const TRAIN_NODE = "WanRewardLoraTrain";
 const SCORE_NODE = "WanRewardScoreFrames";
 const EVENT = "wan_reward.train";
 const CHART_HEIGHT = 180;
-const runs = new Map(); // node id (string) -> {points: [{step, reward, loss}], status, maxSteps}
+const PANEL_HEIGHT = 150; // the plan text and the latest sample frames under the chart
+const runs = new Map(); // node id (string) -> {points: [{step, reward, loss}], status, maxSteps, plan, samples}
 
 function fmt(value, digits = 4) {
   return typeof value === "number" && Number.isFinite(value) ? value.toPrecision(digits) : "-";
@@ -63,7 +65,7 @@ export function drawChart(canvas, run) {
   ctx.fillStyle = "#ff9a4d";
   ctx.fillText(`loss ${fmt(last?.loss)}`, 110, 14);
   ctx.fillStyle = "#ccc";
-  const stepText = last ? `step ${last.step}/${run.maxSteps ?? "?"}` : "waiting for the first step";
+  const stepText = last ? `step ${last.step}/${run.maxSteps ? run.maxSteps + run.offset : "?"}` : "waiting for the first step";
   ctx.fillText(`${stepText} ${run.eta ? "ETA " + run.eta : ""}`, 8, height - 8);
   if (run.status) ctx.fillText(run.status, Math.max(8, width - 8 - ctx.measureText(run.status).width), height - 8);
   if (pts.length) {
@@ -78,40 +80,74 @@ export function drawChart(canvas, run) {
 function chartWidget(node) {
   let widget = node.widgets?.find((w) => w.name === "reward_chart");
   if (widget) return widget;
+  const box = document.createElement("div");
+  box.className = "wan-reward-train-panel";
   const canvas = document.createElement("canvas");
   canvas.className = "wan-reward-train-chart";
   canvas.style.width = "100%";
   canvas.style.height = `${CHART_HEIGHT}px`;
-  widget = node.addDOMWidget("reward_chart", "wan_reward_chart", canvas, {
+  const plan = document.createElement("pre");
+  plan.className = "wan-reward-train-plan";
+  Object.assign(plan.style, { margin: "2px 0", fontSize: "10px", whiteSpace: "pre-wrap", maxHeight: "60px",
+    overflow: "auto", color: "var(--input-text, #ddd)" });
+  const samples = document.createElement("div");
+  samples.className = "wan-reward-train-samples";
+  Object.assign(samples.style, { display: "flex", gap: "2px", height: "84px", overflowX: "auto" });
+  box.append(canvas, plan, samples);
+  widget = node.addDOMWidget("reward_chart", "wan_reward_chart", box, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => CHART_HEIGHT,
-    getHeight: () => CHART_HEIGHT,
+    getMinHeight: () => CHART_HEIGHT + PANEL_HEIGHT,
+    getHeight: () => CHART_HEIGHT + PANEL_HEIGHT,
   });
   widget.serialize = false;
-  widget.canvas = canvas;
+  Object.assign(widget, { canvas, plan, samples });
   const size = node.computeSize?.();
   if (size) node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
   return widget;
 }
 
+// The decoded training frames of the last "sample" event, fetched from ComfyUI's /view.
+function showSamples(widget, images) {
+  widget.samples.replaceChildren(...(images ?? []).map((ref) => {
+    const img = document.createElement("img");
+    const query = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type });
+    img.src = api.apiURL(`/view?${query}`);
+    img.className = "wan-reward-train-sample";
+    Object.assign(img.style, { height: "80px", imageRendering: "pixelated" });
+    return img;
+  }));
+}
+
 function onTrainEvent(detail) {
-  if (!detail || detail.node == null) return;
+  if (!detail || detail.node == null || !(detail.event in EVENT_FIELDS)) return;
   const id = String(detail.node);
   let run = runs.get(id);
-  if (!run || (detail.event === "started" && run.finished)) {
-    run = { points: [], status: "", maxSteps: null, eta: "", finished: false };
+  if (!run || ((detail.event === "started" || detail.event === "plan") && run.finished)) {
+    run = { points: [], status: "", maxSteps: null, eta: "", finished: false, plan: "", samples: null,
+      phase: null, offset: 0 };
     runs.set(id, run);
   }
+  if (detail.phase && detail.phase !== run.phase) { // expert both: the low-noise phase follows the high one
+    if (run.phase && run.maxSteps) run.offset += run.maxSteps;
+    run.phase = detail.phase;
+  }
   if (detail.max_steps) run.maxSteps = detail.max_steps;
+  const step = (detail.step ?? 0) + run.offset;
   switch (detail.event) {
+    case "plan":
+      run.plan = detail.text ?? "";
+      break;
+    case "sample":
+      run.samples = detail.images ?? [];
+      break;
     case "started":
       run.status = detail.step > 0 ? `resumed at ${detail.step}` : "started";
-      run.points = run.points.filter((p) => p.step <= (detail.step ?? 0));
+      run.points = run.points.filter((p) => p.step <= step);
       break;
     case "step":
-      run.points = run.points.filter((p) => p.step < detail.step);
-      run.points.push({ step: detail.step, reward: detail.reward, loss: detail.loss });
+      run.points = run.points.filter((p) => p.step < step);
+      run.points.push({ step, reward: detail.reward, loss: detail.loss });
       run.eta = fmtEta(detail.eta_seconds);
       run.status = "training";
       break;
@@ -140,6 +176,8 @@ function onTrainEvent(detail) {
   if (!node || node.comfyClass !== TRAIN_NODE) return;
   const widget = chartWidget(node);
   drawChart(widget.canvas, run);
+  widget.plan.textContent = run.plan;
+  if (detail.event === "sample") showSamples(widget, run.samples);
   node.setDirtyCanvas?.(true, true);
 }
 

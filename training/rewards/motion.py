@@ -38,5 +38,5 @@ def motion_energy(frames: torch.Tensor) -> torch.Tensor:
 def motion_hinge(frames: torch.Tensor, base_frames: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """mean_b max(0, 1 - E(frames_b) / E(base_b)): 0 while the video moves at least as much as the base
     model's video from the same noise, growing as its motion falls below it (no gradient to the base)."""
-    ratio = motion_energy(frames) / (motion_energy(base_frames.detach()) + eps)
+    ratio = motion_energy(frames) / motion_energy(base_frames.detach()).clamp_min(eps)
     return torch.relu(1.0 - ratio).mean()

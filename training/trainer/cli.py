@@ -9,8 +9,10 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 
 from .config import ConfigError, load_config
+from .recipes import recipe_overrides
 from .progress import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREFLIGHT, Progress, warn
 
 
@@ -26,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = Progress(None, main_process=_is_main_process())
     try:
-        cfg = load_config(args.config)
+        with warnings.catch_warnings(record=True) as deprecated:
+            warnings.simplefilter("always", DeprecationWarning)
+            cfg = load_config(args.config)
     except ConfigError as exc:
         progress.emit("error", kind="config", field=exc.field, message=str(exc))
         return EXIT_CONFIG
@@ -39,8 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as exc:
         progress.emit("error", kind="preflight", field=None, message=str(exc))
         return EXIT_PREFLIGHT
-    if args.check_only:
-        progress.emit("checked", config_hash=cfg.config_hash())
+    if cfg.expert == "both":
+        progress.emit("error", kind="config", field="expert", message=(
+            "config field 'expert': both is two runs, the high-noise LoRA then the low-noise one: the Reward LoRA "
+            "Train node runs them in turn; from a shell, write their configs with `python -m "
+            f"training.trainer.phases --config {args.config}` and launch the two in order"))
+        return EXIT_CONFIG
+    for warning in deprecated:
+        progress.emit("warning", step=None, message=str(warning.message))
+    if args.check_only:  # the resolved config: the recipe's values with the run's on top
+        progress.emit("checked", config_hash=cfg.config_hash(), config=cfg.to_dict(),
+                      overrides={k: {"recipe": a, "run": b} for k, (a, b) in recipe_overrides(cfg).items()})
         return EXIT_OK
     try:
         from .loop import train

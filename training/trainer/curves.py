@@ -28,6 +28,17 @@ def run_events(run_dir: str | os.PathLike, launch_events: list[dict] | None = No
     return events[fresh[-1]:] if fresh else events
 
 
+def concat_phases(histories: list[list[dict]], max_steps: list[int]) -> list[dict]:
+    """The events of consecutive phases (expert: both) as one run: each phase's steps after the
+    steps of the phases before it."""
+    out: list[dict] = []
+    offset = 0
+    for events, steps in zip(histories, max_steps):
+        out += [dict(e, step=e["step"] + offset) if isinstance(e.get("step"), int) else e for e in events]
+        offset += steps
+    return out
+
+
 def step_series(events: list[dict]) -> tuple[list[int], list[float], list[float]]:
     """(steps, rewards, losses) of the ``step`` events; a resumed run's repeated steps keep the last value."""
     by_step: dict[int, tuple[float, float]] = {}

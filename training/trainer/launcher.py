@@ -294,7 +294,8 @@ TRAINER_MARKERS = (ENTRY_SCRIPT.name, "training.trainer.cli")  # in the command 
 
 def trainer_processes(run_dir: str | os.PathLike) -> list[psutil.Process]:
     """Live processes of a trainer (launcher, agent, ranks) whose ``--config`` is a file in
-    ``run_dir``, whoever started them: a ComfyUI that has died, or a command line."""
+    ``run_dir`` or a subfolder (a phase of ``expert: both``), whoever started them: a ComfyUI that
+    has died, or a command line."""
     run_dir = Path(run_dir).resolve()
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -305,7 +306,7 @@ def trainer_processes(run_dir: str | os.PathLike) -> list[psutil.Process]:
         configs += [arg.split("=", 1)[1] for arg in cmd if arg.startswith("--config=")]
         try:
             paths = [Path(c) if Path(c).is_absolute() else Path(proc.cwd()) / c for c in configs]
-            if any(p.resolve().parent == run_dir for p in paths) and _alive(proc):
+            if any(run_dir in p.resolve().parents for p in paths) and _alive(proc):  # a phase's subfolder too
                 found.append(proc)
         except (psutil.Error, OSError):
             continue
@@ -334,7 +335,9 @@ def interrupted_run_notice(run_dir: str | os.PathLike, previous_holder: str | No
         return None
     from .checkpoint import latest_checkpoint, step_of
 
-    found = latest_checkpoint(run_dir)
+    # the run's own checkpoints, or its phases' (expert: both): the one written last
+    folders = ([run_dir] + sorted(d for d in run_dir.iterdir() if d.is_dir())) if run_dir.is_dir() else []
+    found = max(filter(None, map(latest_checkpoint, folders)), key=lambda p: p.stat().st_mtime, default=None)
     head = f"an earlier run of {name!r} was interrupted ({previous_holder} ended while it was training)"
     if found is None:
         return f"{head}; it left no checkpoint, so this run starts from step 0."

@@ -1,35 +1,13 @@
 """Progress stream, exit codes and run control (stop / save-now / sample-now).
 
 Progress: one JSON object per line on stdout, written by the main process only, each
-starting with ``{"event": "<name>"`` (other libraries may print other lines: skip
-lines that do not parse as JSON objects with an "event" key). Every event is also
-appended to ``<output_dir>/metrics.jsonl``. Events and fields (all have ``event`` and
-``time``, a Unix timestamp):
-
-  started     step (first step to run, > 0 on resume), max_steps, expert, world_size,
-              output_dir, lora_path, config_hash, resumed_from (checkpoint dir or null),
-              deepspeed (bool), gradient_clipping, memory_at_start_mb, adapted_modules,
-              replaced_checkpoints (where resume: false moved an earlier run's checkpoints, or
-              null); with DeepSpeed also zero_stage, offload_param_device and
-              offload_optimizer_device ("cpu", "nvme" or "none"), lora_params_partitioned
-  step        step (1-based, completed optimizer steps), max_steps, loss, reward (weighted
-              mean of the training rewards), rewards {name: mean}, lr, grad_norm (before
-              clipping, null if unknown), seconds (this step), peak_memory_mb (GPU: peak
-              allocated this step; CPU: the process's peak resident set), eta_seconds
-  checkpoint  step, path (checkpoint folder), lora_path, reason (periodic|stop|save_now|final|
-              gaming_guard|fault)
-  validation  step, rewards {name: mean over validation prompts}, held_out {name: mean},
-              motion, best (bool: this step's LoRA is the new best), best_lora_path (null
-              while the base model scores best), criterion (what "best" is measured by: the
-              held-out rewards' mean, or the training rewards' when none is held out),
-              criterion_value, best_score, best_step (0 = the base model)
-  sample      step, paths (PNG files of the decoded training frames)
-  warning     step, message (e.g. reward gaming suspected)
-  finished    step, reason (completed|stopped|gaming_guard), lora_path, best_lora_path
-              (or null), average_lora_path (or null)
-  error       message, kind (config|preflight|runtime), field (config field or null); a fault in a
-              training step (every rank stops together) also step: the last good step, saved first
-  checked     config_hash (only with --check-only: config and machine are fine, nothing loaded)
+starting with ``{"event": "<name>"`` (other libraries may print other lines: skip lines that
+do not parse as JSON objects with an "event" key). Every event is also appended to
+``<output_dir>/metrics.jsonl``. The events and their fields are declared once, in ``EVENTS``
+below: ``Progress.emit`` refuses an undeclared event or field, the node forwards them, the web
+extension reads ``web/progress_events.js`` and the reference ``docs/progress-protocol.md`` is
+generated from them (``python -m training.trainer.progress --markdown`` / ``--js``; tests
+keep both files equal to it).
 
 Control: create an empty file named ``STOP``, ``SAVE_NOW`` or ``SAMPLE_NOW`` in the output
 folder. The trainer checks between steps, deletes the file and acts: STOP saves a
@@ -63,6 +41,67 @@ SAMPLE_NOW_FILE = "SAMPLE_NOW"
 METRICS_FILE = "metrics.jsonl"
 
 
+CHECKPOINT_REASONS = ("periodic", "stop", "save_now", "final", "gaming_guard", "fault")
+FINISH_REASONS = ("completed", "stopped", "gaming_guard")
+
+# event -> {field: meaning}; every event also has "event" and "time" (a Unix timestamp)
+EVENTS: dict[str, dict[str, str]] = {
+    "started": {
+        "step": "first step to run (> 0 on resume)", "max_steps": "optimizer steps in all",
+        "expert": "high or low", "world_size": "processes", "output_dir": "the run folder",
+        "lora_path": "the LoRA file the run writes", "config_hash": "hash of the settings that shape the LoRA",
+        "resumed_from": "checkpoint folder, or null", "replaced_checkpoints": "where resume: false moved an earlier "
+        "run's checkpoints, or null", "adapted_modules": "LoRA modules", "deepspeed": "bool",
+        "gradient_clipping": "the clipping really applied (0 = none)", "memory_at_start_mb": "GPU allocated or host "
+        "resident memory after loading", "recipe": "the recipe the config started from, or null",
+        "batch_size": "prompts per process per micro-step", "gradient_accumulation_steps": "micro-steps per step",
+        "effective_batch": "batch x accumulation x processes", "lora_rank": "rank", "lora_alpha": "alpha",
+        "init_lora": "the LoRA the run started from, or null", "start_images": "number of start images (0: T2V-style "
+        "zero conditioning)", "zero_stage": "DeepSpeed ZeRO stage (DeepSpeed only)",
+        "offload_param_device": "cpu, nvme or none (DeepSpeed only)", "offload_optimizer_device": "cpu, nvme or none "
+        "(DeepSpeed only)", "lora_params_partitioned": "bool (DeepSpeed only)"},
+    "step": {
+        "step": "completed optimizer steps (1-based)", "max_steps": "optimizer steps in all", "loss": "mean loss",
+        "reward": "weighted mean of the training rewards", "rewards": "{reward: mean}", "motion_term": "the motion "
+        "hinge's mean (with motion_weight > 0)", "lr": "learning rate", "grad_norm": "before clipping, or null",
+        "seconds": "this step", "peak_memory_mb": "GPU: peak allocated this step; CPU: peak resident set",
+        "eta_seconds": "estimated time left"},
+    "checkpoint": {"step": "the step saved", "path": "checkpoint folder", "lora_path": "the LoRA written",
+                   "reason": " | ".join(CHECKPOINT_REASONS)},
+    "validation": {
+        "step": "0 = the base model", "rewards": "{training reward: mean over the validation prompts}",
+        "held_out": "{held-out reward: mean}", "motion": "motion score of the full clip, or null",
+        "best": "this step's LoRA is the new best", "best_lora_path": "the best LoRA, or null while the base model "
+        "scores best", "criterion": "what best is measured by", "criterion_value": "its value now",
+        "best_score": "the best value so far", "best_step": "the step of the best (0 = the base model)"},
+    "sample": {"step": "the step", "paths": "PNG files of the decoded training frames"},
+    "warning": {"step": "the step, or null", "message": "what to look at (e.g. reward gaming suspected)"},
+    "finished": {"step": "the last step", "reason": " | ".join(FINISH_REASONS), "lora_path": "the LoRA",
+                 "best_lora_path": "the best validation LoRA, or null", "average_lora_path": "the checkpoint average, "
+                 "or null"},
+    "error": {"kind": "config | preflight | runtime", "field": "the config field, or null", "message": "what failed "
+              "and what to do", "step": "a fault in a step: the last good step (saved first)"},
+    "checked": {"config_hash": "hash of the settings", "config": "the resolved config (the recipe's values with the "
+                "run's on top)", "overrides": "{field: {recipe, run}} the run sets on top of its recipe"},
+}
+# Events the ComfyUI node itself sends on the websocket, besides the trainer's.
+NODE_EVENTS: dict[str, dict[str, str]] = {
+    "plan": {"text": "recipe, effective batch, what the inputs set on top of the recipe, warnings",
+             "phase": "high or low (expert: both), or null"},
+    "cancelled": {"message": "what happened and how to continue"},
+}
+
+
+def check_event(event: str, fields) -> None:
+    """Refuse an event or a field ``EVENTS`` does not declare (a programming error, caught by tests)."""
+    declared = EVENTS.get(event)
+    if declared is None:
+        raise ValueError(f"undeclared progress event {event!r} (declare it in progress.EVENTS)")
+    unknown = set(fields) - set(declared)
+    if unknown:
+        raise ValueError(f"progress event {event!r}: undeclared field(s) {sorted(unknown)} (declare them in EVENTS)")
+
+
 class Progress:
     """Writes events to stdout and metrics.jsonl (main process only)."""
 
@@ -72,6 +111,7 @@ class Progress:
         self.metrics = Path(output_dir) / METRICS_FILE if output_dir else None
 
     def emit(self, event: str, **fields) -> dict:
+        check_event(event, fields)
         record = {"event": event, "time": round(time.time(), 3), **fields}
         if not self.main:
             return record
@@ -221,3 +261,42 @@ class Control:
                 requests[key] = True
                 path.unlink(missing_ok=True)
         return requests
+
+
+def markdown_reference() -> str:
+    """docs/progress-protocol.md from EVENTS."""
+    lines = ["# Progress protocol", "",
+             "Generated from `training/trainer/progress.py` (`python -m training.trainer.progress --markdown`); a test "
+             "keeps this file equal to it.", "",
+             "The trainer writes one JSON object per line on stdout (main process only) and appends each to "
+             "`<output_dir>/metrics.jsonl`. Skip lines that are not JSON objects with an `event` key. Every event "
+             "has `event` and `time` (Unix seconds).", "",
+             "Exit codes: 0 completed or stopped on request, 1 runtime error (a fault in a step stops every "
+             "process together after saving the last good step), 2 invalid config, 3 refused by the preflight check.",
+             "", "| event | field | meaning |", "|---|---|---|"]
+    for event, fields in EVENTS.items():
+        for i, (name, meaning) in enumerate(fields.items()):
+            lines.append(f"| {'`' + event + '`' if i == 0 else ''} | `{name}` | {meaning} |")
+    lines += ["", "Sent by the ComfyUI node on its websocket event `wan_reward.train`, besides the trainer's events "
+              "(each also carries `node` and `prompt_id`):", "", "| event | field | meaning |", "|---|---|---|"]
+    for event, fields in NODE_EVENTS.items():
+        for i, (name, meaning) in enumerate(fields.items()):
+            lines.append(f"| {'`' + event + '`' if i == 0 else ''} | `{name}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def javascript_module() -> str:
+    """web/progress_events.js: the events and fields the web extension receives."""
+    names = {event: sorted(fields) for event, fields in {**EVENTS, **NODE_EVENTS}.items()}
+    return ("// Generated from training/trainer/progress.py (python -m training.trainer.progress --js); a test keeps\n"
+            "// this file equal to it. The progress events the node forwards, with their fields.\n"
+            f"export const EVENT_FIELDS = {json.dumps(names, indent=2)};\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(markdown_reference())
+    elif sys.argv[1:] == ["--js"]:
+        sys.stdout.write(javascript_module())
+    else:
+        sys.exit("usage: python -m training.trainer.progress --markdown | --js")

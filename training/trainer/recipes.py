@@ -122,6 +122,12 @@ def apply_recipe(data: dict) -> dict:
     return values
 
 
+def _reward_settings(reward: dict) -> dict:
+    """What a reward spec says besides its file."""
+    return {"model": reward.get("model"), "weight": float(reward.get("weight", 1.0)),
+            "variant": reward.get("variant"), "preprocess": reward.get("preprocess")}
+
+
 def overrides(values: dict) -> dict:
     """The fields of ``values`` set on top of its recipe (value differs from the recipe's), with both
     values: {field: (recipe's, run's)}; reward files are the run's, so rewards compare without paths."""
@@ -135,8 +141,16 @@ def overrides(values: dict) -> dict:
             continue
         value = values[key]
         if key == "rewards":
-            value = [{k: v for k, v in complete_reward(name, r).items() if k != "path"} for r in value]
-            recipe_value = [complete_reward(name, r) for r in recipe_value]
+            value = [_reward_settings(complete_reward(name, r)) for r in value]
+            recipe_value = [_reward_settings(complete_reward(name, r)) for r in recipe_value]
         if value != recipe_value:
             changed[key] = (recipe_value, value)
     return changed
+
+
+def recipe_overrides(cfg) -> dict:
+    """``overrides`` of a validated TrainConfig: what its fields set on top of its recipe."""
+    import dataclasses
+
+    values = dataclasses.asdict(cfg)
+    return overrides(values)
