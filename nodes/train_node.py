@@ -10,6 +10,7 @@ never relaunched per rank.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,11 +19,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..training.safe_io import save_safetensors, write_text
+from ..training.safe_io import DiskFullError, save_safetensors, write_text
 from ..training.trainer.config import ConfigError, TrainConfig, spec
 from ..training.trainer.curves import concat_phases, final_scores, plot_training_curve, run_events
 from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, TrainerProcess, build_command, build_env,
-                                         check_publish_target, failure_message, parse_devices, publish_lora, run_lock)
+                                         check_publish_target, failure_message, interrupted_run_notice, parse_devices,
+                                         publish_lora, run_lock)
 from ..training.trainer.phases import phase_complete, phase_configs
 from ..training.trainer.recipes import RECIPES
 from ..training.trainer.run_request import FROM_RECIPE, RewardChoice, RunPlan, TrainRequest, plan_run
@@ -318,6 +320,14 @@ class WanRewardLoraTrain(io.ComfyNode):
         except LaunchError as exc:
             raise RuntimeError(str(exc)) from None
         try:  # the run folder is written only while its lock is held
+            try:  # a trainer a dead ComfyUI left running is never trained over
+                notice = interrupted_run_notice(run_dir, folder_lock.previous.get(name), bool(resume))
+            except LaunchError as exc:
+                raise RuntimeError(str(exc)) from None
+            if notice:
+                logging.warning("Reward LoRA Train: %s", notice)
+                _send({"event": "warning", "step": None, "message": notice}, cls.hidden.unique_id,
+                      _current_prompt_id())
             run_dir.mkdir(parents=True, exist_ok=True)
             request = TrainRequest(
                 recipe=recipe, expert=expert, output_dir=str(run_dir), output_name=name,
@@ -493,7 +503,7 @@ class WanRewardLoraTrain(io.ComfyNode):
                 best_name, best_step = "None", 0
             else:  # no validation: the last LoRA
                 best_name, best_step = target.name, int(finished.get("step", phase.max_steps))
-        except LaunchError as exc:
+        except (LaunchError, DiskFullError) as exc:
             raise RuntimeError(f"{exc} (the trained LoRA is kept at {source})") from None
         return target.name, best_name, best_step
 

@@ -277,6 +277,55 @@ def test_existing_lora_of_another_origin_is_refused_before_training(tiny_models)
     assert not _events(comfyui, "tiny_taken"), "the training started although its LoRA could not be published"
 
 
+@pytest.mark.slow
+def test_comfyui_killed_mid_run_then_restarted_resumes_and_says_so(tmp_path):
+    """ComfyUI is SIGKILLed while it trains: its trainer saves and stops by itself; the restarted
+    ComfyUI finds the run's lock stale, says at which checkpoint the run stopped, and resumes."""
+    import signal
+
+    from comfyui_server import ComfyUIServer
+    from conftest import comfyui_path
+
+    from training.trainer.launcher import trainer_processes
+
+    first = ComfyUIServer(comfyui_path(), tmp_path / "comfyui")
+    first.start()
+    try:
+        write_tiny_models(first)
+        name = "tiny_restart"
+        first.queue(train_prompt(name, steps=500, checkpoint_every=2, gpus="cpu"))
+        deadline = time.monotonic() + 180
+        while not [e for e in _events(first, name) if e["event"] == "checkpoint"]:
+            assert time.monotonic() < deadline, first.log_tail()
+            time.sleep(0.3)
+        run_dir = first.output / "wan_reward_lora" / name
+        assert trainer_processes(run_dir)
+        os.kill(first.process.pid, signal.SIGKILL)  # ComfyUI alone: the trainer is in a session of its own
+        first.process.wait()
+        deadline = time.monotonic() + 60
+        while trainer_processes(run_dir):  # it notices its ComfyUI is gone, saves and exits
+            assert time.monotonic() < deadline, "the trainer of a killed ComfyUI did not stop"
+            time.sleep(0.2)
+    finally:
+        first.stop()
+    stopped = [e for e in _events(first, name) if e["event"] == "finished"]
+    assert stopped and stopped[-1]["reason"] == "stopped", "the orphaned trainer did not save before exiting"
+    last = stopped[-1]["step"]
+
+    second = ComfyUIServer(comfyui_path(), tmp_path / "comfyui")  # the same folders, a new process
+    second.start()
+    try:
+        outputs = second.run(train_prompt(name, steps=last + 2, checkpoint_every=2, gpus="cpu"), timeout=300)
+        log = second.log_path.read_text(errors="replace")
+    finally:
+        second.stop()
+    assert (f"an earlier run of '{name}' was interrupted (ComfyUI node 1, output '{name}' pid {first.process.pid} "
+            f"ended while it was training); its last checkpoint is step {last}") in log, log[-3000:]
+    started = [e for e in _events(second, name) if e["event"] == "started"]
+    assert started[-1]["step"] == last and started[-1]["resumed_from"].endswith(f"step-{last:06d}")
+    assert json.loads(outputs["1"]["text"][0])["steps"] == last + 2
+
+
 def _loader_report(comfyui, lora_high: str, lora_low: str) -> str:
     graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_train_high.safetensors", "weight_dtype": "default"}},

@@ -345,37 +345,61 @@ def test_stop_reaches_ranks_started_late(fake):
     assert not any(map(_alive, ranks)) and not proc.group_alive()
 
 
-def test_trainer_dies_with_a_killed_caller(tmp_path):
-    """ComfyUI SIGKILLed: the kernel's parent-death SIGTERM reaches the launcher, which (as torch's
-    agent does) ends its ranks; the trainer is also told the caller's pid."""
+def test_the_trainer_of_a_killed_caller_saves_and_exits(tmp_path):
+    """ComfyUI SIGKILLed mid-run: the real trainer (launched as the node launches it) notices its
+    caller's pid is gone, saves a checkpoint at the end of its step, and its whole tree exits."""
+    import json
     import subprocess
 
-    script = tmp_path / "fake_trainer.py"
-    script.write_text(FAKE_TRAINER)
-    out = tmp_path / "out"
-    out.mkdir()
+    from training.demo import write_tiny_run
+
+    config = write_tiny_run(tmp_path, validation_every=0, max_steps=10000, checkpoint_every=1, inference_steps=4,
+                            backprop_steps=1, output_dir=str(tmp_path / "run"))
+    run = tmp_path / "run"
     code = (f"import sys, time; sys.path.insert(0, {str(launcher.PACK_ROOT)!r})\n"
-            "from training.trainer.launcher import DeviceChoice, TrainerProcess, build_env\n"
-            f"p = TrainerProcess([sys.executable, {str(script)!r}, {str(out)!r}, 'agent'], "
-            f"build_env(DeviceChoice(1)), {str(out)!r}).start()\n"
-            "while p.next_event(10)['event'] != 'step': pass\n"
-            "print(p.process.pid, p.env['WAN_REWARD_PARENT_PID'], flush=True)\n"
+            "from training.trainer.launcher import DeviceChoice, TrainerProcess, build_command, build_env\n"
+            f"p = TrainerProcess(build_command({str(config)!r}, DeviceChoice(1)), build_env(DeviceChoice(1), "
+            f"threads=1), {str(run)!r}).start()\n"
+            "while (p.next_event(60) or {}).get('event') != 'checkpoint': pass\n"
+            "print(p.process.pid, flush=True)\n"
             "time.sleep(600)\n")
     caller = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        leader, parent = map(int, caller.stdout.readline().split())
-        assert parent == caller.pid
-        child = int((out / "child.pid").read_text())
-        assert _alive(leader) and _alive(child)
+        launcher_pid = int(caller.stdout.readline())
+        tree = launcher.psutil.Process(launcher_pid)
+        pids = [launcher_pid] + [c.pid for c in tree.children(recursive=True)]
         caller.kill()
         caller.wait()
-        deadline = time.monotonic() + 5
-        while (_alive(leader) or _alive(child)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(leader) and not _alive(child)
+        deadline = time.monotonic() + 120
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), "trainer processes outlived their caller"
     finally:
         caller.kill()
         caller.wait()
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    finished = [e for e in events if e["event"] == "finished"]
+    assert finished and finished[-1]["reason"] == "stopped", events[-3:]
+    saved = [e for e in events if e["event"] == "checkpoint"]
+    assert saved[-1]["reason"] == "stop" and saved[-1]["step"] == finished[-1]["step"]
+
+
+def test_an_orphaned_trainer_that_does_not_stop_ends_itself(tmp_path):
+    """The watch on the caller's pid: a trainer hung in a step still exits after the grace time."""
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is gone
+    code = (f"import sys, time; sys.path.insert(0, {str(launcher.PACK_ROOT)!r})\n"
+            "from training.trainer.progress import Control\n"
+            f"Control({str(tmp_path)!r}).install_signal_handlers()\n"
+            "time.sleep(60)\n")
+    env = dict(os.environ, WAN_REWARD_PARENT_PID=str(dead.pid), WAN_REWARD_ORPHAN_GRACE_S="0.5")
+    t0 = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 1 and time.monotonic() - t0 < 30
+    assert "the ComfyUI that started this trainer is gone and the run did not stop within 0.5 s" in result.stderr
 
 
 def test_log_tail_drops_the_launchers_traceback():

@@ -125,8 +125,34 @@ def read_lora(path) -> LoadedLora:
             continue
         lora.tensors[key] = raw[pk.raw]
         lora.modules.setdefault(native, {})[pk.part] = key
+    _check_tensors(lora)
     _apply_peft_alpha(lora, _peft_config(metadata, path))
     return lora
+
+
+def _check_tensors(lora: LoadedLora) -> None:
+    """LoraInputError naming the key for a LoRA tensor no loader can use: an up/down that is
+    not a non-empty floating-point matrix, an alpha that is not one finite number, another part
+    that is not floating point (a damaged file: a header edited or cut)."""
+    for parts in lora.modules.values():
+        for part, key in parts.items():
+            tensor = lora.tensors[key]
+            if part == ALPHA:
+                ok = (tensor.numel() == 1 and tensor.dtype != torch.bool and not tensor.is_complex()
+                      and bool(torch.isfinite(tensor.double()).all()))
+                want = "one finite number"
+            elif part in (UP, DOWN):
+                ok = tensor.is_floating_point() and tensor.ndim >= 2 and tensor.numel() > 0
+                want = "a non-empty floating-point matrix (2 or more dimensions)"
+            else:
+                ok = tensor.is_floating_point()
+                want = "floating point"
+            if not ok:
+                value = f" = {tensor.item()}" if part == ALPHA and tensor.numel() == 1 else ""
+                raise LoraInputError(
+                    f"LoRA file {lora.path.name}: {key} is {str(tensor.dtype).replace('torch.', '')} "
+                    f"{list(tensor.shape)}{value}; a LoRA's {part.split('.')[0]} must be {want}. The file is "
+                    "damaged or not a LoRA: download it again and compare its size with the source.")
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -190,9 +216,20 @@ def _peft_config(metadata: Mapping[str, str], path: Path) -> dict:
         try:
             for key, value in json.loads(beside.read_text()).items():
                 config.setdefault(key, value)
-        except ValueError:
+        except (ValueError, AttributeError):  # not JSON, or not a mapping
             pass
     return config
+
+
+def _metadata_number(value, name: str, path: Path) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise LoraInputError(f"LoRA file {path.name}: its metadata {name} = {value!r} is not a finite number; "
+                             "the file's header is damaged or was written wrongly: download it again")
+    return number
 
 
 def _apply_peft_alpha(lora: LoadedLora, config: dict) -> None:
@@ -200,7 +237,7 @@ def _apply_peft_alpha(lora: LoadedLora, config: dict) -> None:
     rs = _truthy(config.get("use_rslora", False))
     if "lora_alpha" not in config and not rs:
         return
-    lora_alpha = float(config.get("lora_alpha", 8))  # PEFT's default lora_alpha is 8
+    lora_alpha = _metadata_number(config.get("lora_alpha", 8), "lora_alpha", lora.path)  # PEFT's default is 8
     changed = 0
     for native, parts in lora.modules.items():
         if DOWN not in parts:

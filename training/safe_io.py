@@ -2,18 +2,23 @@
 
 A crash or a kill while writing must leave the previous file intact: every write
 goes to a temporary file in the same folder, is flushed to disk, then renamed over
-the target (``os.replace`` is atomic on POSIX and Windows).
+the target (``os.replace`` is atomic on POSIX and Windows). A write that fails because
+the disk is full raises ``DiskFullError`` naming the folder; the temporary file is
+removed, and one left by a killed writer is removed by the next write of that file.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
 import pickletools
 import re
+import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,20 +32,108 @@ class UserFileError(ValueError):
     """A file the user pointed us to is missing, unreadable or of the wrong kind."""
 
 
+class DiskFullError(OSError):
+    """A write failed because the disk (or the user's quota) is full; the message names the
+    folder, says what was kept and what to do."""
+
+    def __init__(self, message: str, folder: str | os.PathLike):
+        super().__init__(errno.ENOSPC, message, str(folder))
+        self.folder = Path(folder)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# what the writers of other libraries say: safetensors "No space left on device (os error 28)"
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(exc: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether a failed write failed for lack of space: ENOSPC/EDQUOT in the exception chain or its
+    text, or (torch.save names no cause: "unexpected pos ...") under NEARLY_FULL_BYTES left in
+    ``folder``. Ask before deleting the partial file, which frees its space."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current).lower() for text in _DISK_FULL_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def free_space_text(folder: str | os.PathLike) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2 ** 20:.1f} MiB free" if free < 2 ** 30 else f"{free / 2 ** 30:.1f} GiB free"
+
+
+_STALE_TEMP_S = 60.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files of ``path`` whose writer (pid in the name) is gone, e.g. killed
+    mid-write; a minute's grace for a writer on another machine sharing the folder."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+            continue
+        stale = path.parent / name
+        try:
+            if time.time() - stale.stat().st_mtime > _STALE_TEMP_S:
+                stale.unlink()
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and atomically move the result to ``path``."""
+    """Call ``write(tmp_path)`` and atomically move the result to ``path``; DiskFullError when
+    the disk is full (the previous file is then unchanged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    existed = path.exists()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and is_disk_full(exc, path.parent)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            kept = f"the previous {path.name} is unchanged" if existed else "nothing was written"
+            raise DiskFullError(
+                f"disk full: {path} could not be written (no space left in {path.parent}; "
+                f"{free_space_text(path.parent)} now); {kept} and nothing half-written is left. Free space on that "
+                "disk, or choose a folder on another disk, and try again.", path.parent) from exc
         raise
     return path
 
@@ -81,6 +174,12 @@ def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint", *
     path = Path(path)
     if not path.is_file():
         raise UserFileError(f"{what} not found: {path}")
+    from .torch_file_check import torch_file_problem
+
+    problem = torch_file_problem(path)  # e.g. claims of data the file does not hold: before allocating
+    if problem:
+        raise UserFileError(f"{what} {path.name} is not a readable checkpoint: {problem}. It may be truncated, "
+                            "corrupt or not a PyTorch file: download it again and compare its size with the source.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
@@ -113,13 +212,16 @@ def _code_in_pickle(path: Path) -> str | tuple[str] | None:
     them, never runs them): the first global outside torch that a complete pickle refers to
     (str); (why the stream is unreadable,); or None when it reads with no such global."""
     data = path.read_bytes()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            members = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            if not members:
-                return ("a zip archive without data.pkl",)
-            data = archive.read(members[0])
-    elif data.startswith(b"PK\x03\x04"):
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not members:
+                    return ("a zip archive without data.pkl",)
+                data = archive.read(members[0])
+    except Exception as exc:  # BadZipFile, NotImplementedError (odd zip versions), OSError, ...
+        return (f"a damaged zip archive ({str(exc)[:120]})",)
+    if data.startswith(b"PK\x03\x04"):
         return ("a zip archive (PyTorch's format) whose end is missing or damaged",)
     strings: list[str] = []
     code = None

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..safe_io import UserFileError, save_safetensors
+from ..torch_file_check import torch_file_problem
 
 # The only real callables a pickle may reach: tensor/storage rebuilders and plain containers.
 _ALLOWED = {
@@ -95,14 +96,20 @@ def _module_state_dict(obj, prefix: str = "", out: dict | None = None, seen: set
         return out
     seen.add(id(obj))
     state = obj.state()
-    non_persistent = state.get("_non_persistent_buffers_set") or set()
-    for name, value in (state.get("_parameters") or {}).items():
+
+    def entries(field: str) -> list[tuple[str, object]]:  # a damaged file may hold anything there
+        value = state.get(field)
+        return [(k, v) for k, v in value.items() if isinstance(k, str)] if isinstance(value, dict) else []
+
+    non_persistent = state.get("_non_persistent_buffers_set")
+    non_persistent = non_persistent if isinstance(non_persistent, (set, frozenset)) else set()
+    for name, value in entries("_parameters"):
         if isinstance(value, torch.Tensor):
             out[prefix + name] = value.detach()
-    for name, value in (state.get("_buffers") or {}).items():
+    for name, value in entries("_buffers"):
         if isinstance(value, torch.Tensor) and name not in non_persistent:
             out[prefix + name] = value.detach()
-    for name, child in (state.get("_modules") or {}).items():
+    for name, child in entries("_modules"):
         _module_state_dict(child, f"{prefix}{name}.", out, seen)
     return out
 
@@ -114,6 +121,9 @@ def describe_stub_tree(obj) -> str:
 def read_pickled_module(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, facts) from a whole pickled ``nn.Module`` file, without executing its code."""
     path = Path(path)
+    problem = torch_file_problem(path)  # e.g. claims of data the file does not hold: before allocating
+    if problem:
+        raise UserFileError(f"{path.name} could not be read as a pickled module ({problem})")
     try:
         root = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
     except Exception as exc:

@@ -11,6 +11,7 @@ import torch
 
 from .. import safe_io
 from ..safe_io import UserFileError
+from ..torch_file_check import torch_file_problem
 from .base import RewardModel
 
 EXPECTED_FILES = (
@@ -43,6 +44,9 @@ def _corrupt(path: Path, what: str, exc: BaseException) -> UserFileError:
 def _read_torch_pickle(path: Path, kind: str, mmap: bool = False):
     """Weights-only load (``mmap``: a zip checkpoint's tensors mapped, not read); only a pickle
     that names code goes on to the restricted module reader."""
+    problem = torch_file_problem(path)  # e.g. claims of data the file does not hold: before allocating
+    if problem:
+        raise _corrupt(path, "PyTorch checkpoint", ValueError(problem))
     if kind == "torch-zip" and not zipfile.is_zipfile(path):
         raise _corrupt(path, "PyTorch checkpoint", ValueError("the zip archive has no central directory"))
     try:

@@ -14,7 +14,9 @@ rank) and validation noise from validation_seed (loop.py), so nothing else needs
 
 A checkpoint is written into ``.tmp-step-000100`` and renamed when complete; re-saving a
 step that exists renames the old folder aside first and deletes it only after the new one
-and ``latest.json`` are in place. ``latest_checkpoint`` falls back to the newest complete
+and ``latest.json`` are in place. A save that fails (a full disk: ``DiskFullError``, which
+names the last complete checkpoint) or is killed leaves no ``.tmp-*`` folder behind once the
+next save starts. ``latest_checkpoint`` falls back to the newest complete
 folder when ``latest.json`` is missing or names a folder that is gone.
 
 Resuming checks the recorded config against the new one: a change to any field outside
@@ -29,7 +31,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..safe_io import load_torch_weights_only, torch_save, write_json
+from ..safe_io import DiskFullError, free_space_text, is_disk_full, load_torch_weights_only, torch_save, write_json
 from .config import ConfigError, TrainConfig
 from .lora import load_lora_state, lora_state
 
@@ -53,7 +55,8 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder (``step-000100``, or one renamed aside), from its name."""
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else None
 
@@ -64,8 +67,8 @@ def _complete(path: Path) -> bool:
 
 def step_dirs(root: Path) -> list[Path]:
     """Complete ``step-*`` folders, oldest step first (by number, not by name)."""
-    dirs = [p for p in root.glob("step-*") if _step_of(p) is not None and _complete(p)]
-    return sorted(dirs, key=_step_of)
+    dirs = [p for p in root.glob("step-*") if step_of(p) is not None and _complete(p)]
+    return sorted(dirs, key=step_of)
 
 
 def move_aside(output_dir: str | Path) -> Path | None:
@@ -89,37 +92,72 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, step: int, output_
                     lora_writer, keep: int, deepspeed: bool, run_info: dict) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
-    ``run_info``: JSON data written by rank 0 (config, best score, guard state, ...)."""
+    ``run_info``: JSON data written by rank 0 (config, best score, guard state, ...). A full disk
+    raises DiskFullError saying which checkpoint is the last complete one; nothing of the failed
+    one is left (nor of one a kill interrupted)."""
     root = checkpoints_dir(output_dir)
     name = f"step-{step:06d}"
     tmp, final, replaced = root / f".tmp-{name}", root / name, root / f".replaced-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    state = {"step": step, "scheduler": scheduler.state_dict()}
-    if deepspeed:
-        model.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True, save_latest=False)
-    else:
-        state["lora"] = lora_state(model)
-        state["optimizer"] = optimizer.state_dict()
-    lora_writer(tmp / "lora.safetensors")  # gathers under ZeRO-3: all ranks
-    torch_save(state, tmp / f"trainer-rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        write_json(tmp / RUN_INFO, {"step": step, **run_info})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # the same step saved again (a rerun of a finished run): the old folder stays whole
-        # until the new one and latest.json are in place
-        shutil.rmtree(replaced, ignore_errors=True)
-        if final.exists():
-            final.rename(replaced)
-        tmp.rename(final)
-        write_json(root / LATEST, {"step": step, "dir": name})
-        shutil.rmtree(replaced, ignore_errors=True)
-        _prune(root, keep)
+    try:
+        if accelerator.is_main_process:
+            for stale in root.glob(".tmp-step-*"):  # this step's, or one of a save a kill interrupted
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        state = {"step": step, "scheduler": scheduler.state_dict()}
+        if deepspeed:
+            model.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True, save_latest=False)
+        else:
+            state["lora"] = lora_state(model)
+            state["optimizer"] = optimizer.state_dict()
+        lora_writer(tmp / "lora.safetensors")  # gathers under ZeRO-3: all ranks
+        torch_save(state, tmp / f"trainer-rank{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            write_json(tmp / RUN_INFO, {"step": step, **run_info})
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # the same step saved again (a rerun of a finished run): the old folder stays whole
+            # until the new one and latest.json are in place
+            shutil.rmtree(replaced, ignore_errors=True)
+            if final.exists():
+                final.rename(replaced)
+            tmp.rename(final)
+            write_json(root / LATEST, {"step": step, "dir": name})
+            shutil.rmtree(replaced, ignore_errors=True)
+            _prune(root, keep)
+    except Exception as exc:
+        full = is_disk_full(exc, root)  # before the partial files are deleted
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise checkpoint_disk_full(output_dir, step) from exc
+        raise
     accelerator.wait_for_everyone()
     return final
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def checkpoint_disk_full(output_dir: str | Path, step: int) -> DiskFullError:
+    """What a full disk while saving checkpoint ``step`` means for the run, and what to do."""
+    root = checkpoints_dir(output_dir)
+    previous = latest_checkpoint(output_dir)
+    where = f"no space left in {root}; {free_space_text(root)} now"
+    if previous is None:
+        kept = ("There is no earlier checkpoint: after freeing space, run again (in ComfyUI queue again) and "
+                "training starts from step 0.")
+        need = "space"
+    else:
+        last = step_of(previous)
+        kept = (f"The last complete checkpoint, step {last} ({previous}), and the LoRA files in {output_dir} are "
+                f"unchanged: after freeing space, run again (in ComfyUI queue again) with resume on and training "
+                f"continues from step {last}.")
+        need = f"at least {_folder_bytes(previous) / 2 ** 20:.1f} MiB (the size of one checkpoint)"
+    return DiskFullError(f"disk full: checkpoint step {step} could not be saved ({where}); nothing of it was kept. "
+                         f"{kept} Free {need} on that disk, lower checkpoints_keep, or move the run folder to a "
+                         "larger disk.", root)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -138,8 +176,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
             return path
     except (OSError, ValueError, AttributeError):
         pass
-    candidates = [p for p in root.glob("*step-*") if _step_of(p) is not None and _complete(p)]
-    return max(candidates, key=lambda p: (_step_of(p), p.name.startswith("step-")), default=None)
+    candidates = [p for p in root.glob("*step-*") if step_of(p) is not None and _complete(p)]
+    return max(candidates, key=lambda p: (step_of(p), p.name.startswith("step-")), default=None)
 
 
 def recent_loras(output_dir: str | Path, count: int) -> list[Path]:

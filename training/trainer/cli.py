@@ -13,7 +13,7 @@ import warnings
 
 from .config import ConfigError, load_config
 from .recipes import recipe_overrides
-from .progress import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREFLIGHT, Progress
+from .progress import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREFLIGHT, Progress, warn
 
 
 def _is_main_process() -> bool:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.emit("error", kind="config", field=exc.field, message=str(exc))
         return EXIT_CONFIG
     except Exception as exc:  # report, then a non-zero exit; the traceback goes to stderr
-        traceback.print_exc()
+        warn(traceback.format_exc().rstrip())
         progress.emit("error", kind="runtime", field=None, message=f"{type(exc).__name__}: {exc}")
         return EXIT_ERROR
 

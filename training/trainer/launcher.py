@@ -10,16 +10,19 @@ launcher's tree, after ``kill_s`` more SIGKILL to them. The tree is collected wi
 by process group: torch's elastic agent starts each rank in a session of its own, so a
 ``killpg`` on the launcher's group would never reach the ranks.
 
-If the caller dies (ComfyUI killed), the launcher gets SIGTERM from the kernel (Linux
-``PR_SET_PDEATHSIG``; torch's agent then terminates its workers), and the trainer finds the
-caller's pid in ``WAN_REWARD_PARENT_PID``.
+If the caller dies (ComfyUI killed), nothing signals the launcher: the trainer finds the
+caller's pid in ``WAN_REWARD_PARENT_PID`` gone, saves a checkpoint at the end of its step and
+exits (its events then reach metrics.jsonl only), and the launcher ends with it. A parent-death
+SIGTERM to the launcher, used before, lost the steps since the last checkpoint: accelerate's
+launcher (1.16) passes it on and SIGKILLs its child 5 s later, and the trainer's next event met
+the dead pipe. A trainer that has not stopped after ``WAN_REWARD_ORPHAN_GRACE_S`` ends itself
+(progress.py).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import ctypes
 import fcntl
 import json
 import os
@@ -232,6 +235,9 @@ class DeviceLock:
         self.owner = owner
         self.folder = folder or lock_dir()
         self._handles: list = []
+        # key -> what the lock file said when this lock was taken: a holder that died holding it
+        # (flock ends with the process, the "owner pid N" text stays; a release empties it)
+        self.previous: dict[str, str] = {}
 
     def acquire(self) -> "DeviceLock":
         for key in self.keys:
@@ -254,6 +260,10 @@ class DeviceLock:
                 raise LaunchError(f"{what} is already training ({holder}); wait for that run to finish, "
                                   "cancel it, or choose other GPUs") from None
             handle.seek(0)
+            left = handle.read().strip()
+            if left:
+                self.previous[key] = left
+            handle.seek(0)
             handle.truncate()
             handle.write(f"{self.owner} pid {os.getpid()}")
             handle.flush()
@@ -275,6 +285,68 @@ class DeviceLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# ---- a run interrupted by the death of its caller ---------------------------------------------
+
+TRAINER_MARKERS = (ENTRY_SCRIPT.name, "training.trainer.cli")  # in the command line of every trainer process
+
+
+def trainer_processes(run_dir: str | os.PathLike) -> list[psutil.Process]:
+    """Live processes of a trainer (launcher, agent, ranks) whose ``--config`` is a file in
+    ``run_dir`` or a subfolder (a phase of ``expert: both``), whoever started them: a ComfyUI that
+    has died, or a command line."""
+    run_dir = Path(run_dir).resolve()
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.pid == os.getpid() or not any(m in arg for arg in cmd for m in TRAINER_MARKERS):
+            continue
+        configs = [cmd[i + 1] for i, arg in enumerate(cmd[:-1]) if arg == "--config"]
+        configs += [arg.split("=", 1)[1] for arg in cmd if arg.startswith("--config=")]
+        try:
+            paths = [Path(c) if Path(c).is_absolute() else Path(proc.cwd()) / c for c in configs]
+            if any(run_dir in p.resolve().parents for p in paths) and _alive(proc):  # a phase's subfolder too
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def interrupted_run_notice(run_dir: str | os.PathLike, previous_holder: str | None, resume: bool) -> str | None:
+    """Call with the run's lock held. LaunchError while trainer processes of ``run_dir`` still
+    live (a dead ComfyUI's trainer saving before it stops, or one started by hand): training over
+    them would write the same checkpoints twice. Otherwise, when ``previous_holder`` (the text a
+    dead holder left in the run's lock) is set, what became of that run and how this one goes on."""
+    run_dir = Path(run_dir)
+    name = run_dir.name
+    live = trainer_processes(run_dir)
+    if live:
+        pids = " ".join(str(p.pid) for p in live)
+        by = (f"left by {previous_holder}, which ended while it was training" if previous_holder
+              else "not started by this ComfyUI")
+        raise LaunchError(
+            f"the run {name!r} is still being trained by earlier trainer processes (pids {pids}; {by}). "
+            "Training it again now would write the same checkpoints twice. A trainer whose ComfyUI is gone saves a "
+            "checkpoint and exits by itself at the end of its current step: wait until those processes have "
+            f"exited (or end them: kill {pids}), then queue again with resume on to continue from the last "
+            "checkpoint.")
+    if not previous_holder:
+        return None
+    from .checkpoint import latest_checkpoint, step_of
+
+    # the run's own checkpoints, or its phases' (expert: both): the one written last
+    folders = ([run_dir] + sorted(d for d in run_dir.iterdir() if d.is_dir())) if run_dir.is_dir() else []
+    found = max(filter(None, map(latest_checkpoint, folders)), key=lambda p: p.stat().st_mtime, default=None)
+    head = f"an earlier run of {name!r} was interrupted ({previous_holder} ended while it was training)"
+    if found is None:
+        return f"{head}; it left no checkpoint, so this run starts from step 0."
+    step = step_of(found)
+    if resume:
+        return f"{head}; its last checkpoint is step {step} ({found}): resume is on, so training continues from it."
+    return (f"{head}; its last checkpoint is step {step} ({found}). resume is off, so those checkpoints are moved "
+            f"aside and training starts over: to continue from step {step} instead, cancel and queue again with "
+            "resume on.")
 
 
 # ---- the running trainer ------------------------------------------------------------------
@@ -325,7 +397,7 @@ class TrainerProcess:
         self.process = subprocess.Popen(
             self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, text=True, encoding="utf-8", errors="replace",
-            bufsize=1, preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 (only prctl + getppid run in it)
+            bufsize=1,
         )
         try:
             self._tree[self.process.pid] = psutil.Process(self.process.pid)
@@ -338,16 +410,30 @@ class TrainerProcess:
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                event = parse_event(line)
-                if event is not None:
-                    self.events.append(event)
-                    self._queue.put(event)
-                elif line.strip():
-                    self._tail.append(line.rstrip("\n"))
+        try:
+            log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below or on a write error)
+        except OSError as exc:
+            log = self._log_failed(exc, None)
+        for line in self.process.stdout:
+            if log is not None:
+                try:
+                    log.write(line)
+                    log.flush()
+                except OSError as exc:  # a full disk: keep reading, or the trainer blocks on a full pipe
+                    log = self._log_failed(exc, log)
+            event = parse_event(line)
+            if event is not None:
+                self.events.append(event)
+                self._queue.put(event)
+            elif line.strip():
+                self._tail.append(line.rstrip("\n"))
+        if log is not None:
+            _close_quietly(log)
+
+    def _log_failed(self, exc: OSError, log) -> None:
+        self._tail.append(f"[{self.log_path} could not be written ({exc}); the log stops here]")
+        if log is not None:
+            _close_quietly(log)
 
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -485,33 +571,18 @@ def _stop_running_trainers() -> None:
             time.sleep(0.1)
 
 
+def _close_quietly(handle) -> None:
+    try:
+        handle.close()
+    except OSError:  # flushing into a full disk
+        pass
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int):
-    """preexec_fn for Linux: SIGTERM the child when the thread that started it dies (ComfyUI starts
-    runs from its long-lived prompt worker thread); elsewhere nothing. Written by hand: neither the
-    standard library nor psutil sets the parent-death signal."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl: act now
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 # ---- publishing the LoRA ---------------------------------------------------------------------

@@ -13,7 +13,10 @@ Control: create an empty file named ``STOP``, ``SAVE_NOW`` or ``SAMPLE_NOW`` in 
 folder. The trainer checks between steps, deletes the file and acts: STOP saves a
 checkpoint and the LoRA, then exits with code 0 and ``finished`` reason "stopped";
 SAVE_NOW saves both and continues; SAMPLE_NOW writes the next step's frames. SIGTERM and
-SIGINT act like STOP (a second signal aborts at once).
+SIGINT act like STOP (a second signal aborts at once), and so does the death of the ComfyUI
+that started the trainer (``WAN_REWARD_PARENT_PID``): the events then go to metrics.jsonl
+only, and a trainer that has not stopped ``WAN_REWARD_ORPHAN_GRACE_S`` (900) seconds later
+exits.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,12 +116,40 @@ class Progress:
         if not self.main:
             return record
         line = json.dumps(record, default=_jsonable)
-        print(line, file=self.stream, flush=True)
+        try:
+            print(line, file=self.stream, flush=True)
+        except (BrokenPipeError, ValueError):  # the reader (a killed ComfyUI) is gone: metrics.jsonl goes on
+            discard_broken_stream(self.stream)
         if self.metrics is not None:
-            self.metrics.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+            try:
+                self.metrics.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.metrics, "a", encoding="utf-8") as handle:
+                    handle.write(line + "\n")
+            except OSError as exc:  # a full disk: the events still reach stdout (and the node)
+                warn(f"warning: {self.metrics} could not be written ({exc}); no more metrics are logged there")
+                self.metrics = None
         return record
+
+
+def discard_broken_stream(stream) -> None:
+    """After EPIPE on stdout/stderr (the process reading it died): point its file descriptor at the
+    null device, so later writes (the exit's flush included) go nowhere instead of failing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
+        pass
+
+
+def warn(message: str) -> None:
+    """A line on stderr that cannot fail the run."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):
+        discard_broken_stream(sys.stderr)
 
 
 def _jsonable(value):
@@ -146,6 +178,8 @@ def parse_events(text: str) -> list[dict]:
 
 
 PARENT_PID_ENV = "WAN_REWARD_PARENT_PID"
+ORPHAN_GRACE_ENV = "WAN_REWARD_ORPHAN_GRACE_S"
+ORPHAN_GRACE_S = 900.0  # time for a trainer whose ComfyUI died to finish its step and save
 TRAINER_TAG = "wan-reward-lora reward backprop"  # the "trainer" metadata of every LoRA we write
 # A stop sends SIGTERM from both the launcher and torch's agent: signals this close count as one.
 SIGNAL_REPEAT_WINDOW_S = 2.0
@@ -163,6 +197,9 @@ def parent_gone() -> bool:
     except (PermissionError, ValueError):
         return False
     return False
+
+
+_parent_watched = False
 
 
 class Control:
@@ -184,6 +221,27 @@ class Control:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
+        self._watch_parent()
+
+    def _watch_parent(self) -> None:
+        """Once ComfyUI (``WAN_REWARD_PARENT_PID``) is gone, the run saves and stops at the end of its
+        step (``poll``); a trainer still running ORPHAN_GRACE_S later (hung) ends itself, so no
+        orphan holds the GPUs for ever. Every rank watches."""
+        global _parent_watched
+        if not os.environ.get(PARENT_PID_ENV) or _parent_watched:
+            return
+        _parent_watched = True  # once per process (train() may run several times in one)
+        grace = float(os.environ.get(ORPHAN_GRACE_ENV) or ORPHAN_GRACE_S)
+
+        def watch() -> None:
+            while not parent_gone():
+                time.sleep(1.0)
+            time.sleep(grace)
+            warn(f"the ComfyUI that started this trainer is gone and the run did not stop within {grace:g} s: "
+                 "exiting without saving")
+            os._exit(EXIT_ERROR)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
     def clear_stale(self) -> None:
         """Remove flags left from an earlier run (a STOP would end the new run at once)."""
