@@ -27,7 +27,8 @@ from ..training.trainer.launcher import (PRESETS, DeviceLock, LaunchError, Train
                                          publish_lora, run_lock)
 from ..training.trainer.phases import phase_complete, phase_configs
 from ..training.trainer.recipes import RECIPES
-from ..training.trainer.run_request import FROM_RECIPE, RewardChoice, RunPlan, TrainRequest, plan_run
+from ..training.trainer.placement import REQUESTS, PlacementError
+from ..training.trainer.run_request import FROM_RECIPE, RewardChoice, RunPlan, TrainRequest, choose_memory, plan_run
 from ..training.trainer.supervise import RunInterrupted, follow
 from .config_inputs import float_input, int_input
 from .folders import REWARD_MODELS
@@ -127,6 +128,18 @@ def save_images(images: torch.Tensor, path: Path, input_name: str) -> str:
     return str(path)
 
 
+def _memory_here(devices) -> tuple[float | None, float]:
+    """(GPU GiB the trainer will have: the smallest chosen GPU's total, as ComfyUI unloads its models
+    before a GPU run, less a margin; host GiB available). None for the GPU on a CPU run."""
+    import psutil
+
+    host = psutil.virtual_memory().available / 2 ** 30
+    if devices.cpu:
+        return None, host
+    totals = [torch.cuda.get_device_properties(int(i)).total_memory for i in devices.gpu_ids]
+    return min(totals) / 2 ** 30 * 0.92, host
+
+
 def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -224,6 +237,10 @@ class WanRewardLoraTrain(io.ComfyNode):
                                 tooltip="LoRA file name in the loras folder (no folders)."),
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue from the last checkpoint of the run with this output name."),
+                io.Combo.Input("memory", options=list(REQUESTS), default="auto", optional=True,
+                               tooltip="Where the models live: fast (the frozen expert whole on each GPU), sharded (it "
+                                       "too split across the GPUs), low (one 24 GB-class GPU: both experts stream "
+                                       "from host memory), auto (the fastest that fits). See docs/memory.md."),
                 io.Combo.Input("recipe", options=list(recipe.choices), default="recommended", optional=True,
                                tooltip="recommended: ours (real clipping 0.3, batch 8 by accumulation). "
                                        "videox_fun_low_hps / videox_fun_high_mps: the reference's two runs exactly. "
@@ -286,7 +303,7 @@ class WanRewardLoraTrain(io.ComfyNode):
     @classmethod
     def execute(cls, high_noise_model, low_noise_model, vae, reward_model, reward_weight, prompts, expert, rank,
                 alpha, steps, learning_rate, width, height, frames, backprop_steps, gpus, deepspeed, output_name,
-                resume, recipe="recommended", batch_size=1, gradient_accumulation=0, options=None, clip=None,
+                resume, memory="auto", recipe="recommended", batch_size=1, gradient_accumulation=0, options=None, clip=None,
                 prompt_embeddings="", prompts_file="", reward_variant=FROM_RECIPE, reward_preprocess=FROM_RECIPE,
                 reward_model_2=NONE, reward_weight_2=1.0, reward_variant_2=FROM_RECIPE,
                 reward_preprocess_2=FROM_RECIPE, init_lora=NONE, start_images=None, start_images_folder="",
@@ -330,7 +347,7 @@ class WanRewardLoraTrain(io.ComfyNode):
                       _current_prompt_id())
             run_dir.mkdir(parents=True, exist_ok=True)
             request = TrainRequest(
-                recipe=recipe, expert=expert, output_dir=str(run_dir), output_name=name,
+                recipe=recipe, expert=expert, output_dir=str(run_dir), output_name=name, memory=memory,
                 processes=devices.num_processes, cpu=devices.cpu,
                 high_noise_model=model_file("diffusion_models", high_noise_model, "high_noise_model"),
                 low_noise_model=model_file("diffusion_models", low_noise_model, "low_noise_model"),
@@ -353,8 +370,11 @@ class WanRewardLoraTrain(io.ComfyNode):
                 **cls._image_inputs(start_images, start_images_folder, options, run_dir))
             try:  # every value and every file's contents, before anything is unloaded or launched
                 plan = plan_run(request)
+                memory_mode, deepspeed = choose_memory(plan, deepspeed, devices.cpu, *_memory_here(devices))
             except ConfigError as exc:
                 raise input_error(exc) from None
+            except PlacementError as exc:
+                raise TrainInputError(f"input 'memory': {exc}") from None
             phases = phase_configs(plan.config)
             try:  # before hours of training: the targets must be absent or this run's own LoRAs
                 for phase in phases:

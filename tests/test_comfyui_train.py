@@ -403,3 +403,20 @@ def test_both_experts_publish_a_pair_the_loader_pairs_and_resume_continues_the_l
     assert report.count("keys unmatched: 0;") == 2 and "shape mismatches: 0" in report, report
     scores = json.loads(outputs["1"]["text"][0])
     assert scores["high"]["steps"] == 2 and scores["low"]["steps"] == 2
+
+
+@pytest.mark.parametrize("memory,gpus,deepspeed", [("low", "cpu", "zero3_offload"), ("sharded", "cpu:2", "zero3_offload")])
+def test_memory_modes_train_from_the_node_and_publish(tiny_models, memory, gpus, deepspeed):
+    comfyui = tiny_models
+    name = f"tiny_memory_{memory}"
+    outputs = comfyui.run(train_prompt(name, steps=1, memory=memory, gpus=gpus, deepspeed=deepspeed), timeout=600)
+    started = next(e for e in _events(comfyui, name) if e["event"] == "started")
+    assert started["memory_mode"] == memory
+    if memory == "low":  # one process without DeepSpeed, whatever the preset said
+        assert started["deepspeed"] is False and started["world_size"] == 1
+    else:
+        assert started["world_size"] == 2 and 0.4 < started["frozen_local_fraction"] < 0.6
+    assert f"memory: {memory}" in json.loads(outputs["1"]["text"][0])["plan"]
+    assert f"{name}.safetensors" in comfyui.get("/models/loras").json()
+    run_yaml = (comfyui.output / "wan_reward_lora" / name / "run.yaml").read_text()
+    assert f"memory: {memory}" in run_yaml

@@ -133,7 +133,7 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
 
     def leave_free(nbytes):  # fill the disk, then give back nbytes
         filler = disk / "filler"
-        with open(filler, "ab") as handle:
+        with open(filler, "ab", buffering=0) as handle:  # unbuffered: nothing is left to flush at close
             try:
                 while True:
                     handle.write(b"x" * 65536)

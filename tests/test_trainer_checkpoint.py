@@ -4,6 +4,8 @@ the best LoRA never is worse than the base; errors from model files name the con
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 from pathlib import Path
@@ -24,7 +26,8 @@ from training.trainer.checkpoint import (
     step_dirs,
 )
 from training.trainer.config import ConfigError, load_config
-from training.trainer.loop import load_rewards, train
+from training.trainer.components import load_rewards
+from training.trainer.recipe import train
 from training.trainer.progress import Progress, parse_events
 
 
@@ -217,36 +220,37 @@ def test_quantisation_scales(tmp_path):
         dequantize({"a.weight": w, "a.weight_scale": torch.tensor(1.0)}, torch.float32, "Wan expert x")
 
 
-def test_preflight_reads_fp8_from_the_header_and_counts_the_lora(tmp_path):
+def test_the_estimate_reads_fp8_from_the_header_and_counts_the_lora(tmp_path):
     from training.trainer.lora import add_lora, lora_parameters
+    from training.trainer.memory_estimate import DeepSpeedShape, estimate, run_size
     from training.trainer.models import load_wan_expert
-    from training.trainer.preflight import estimate_memory_gib, lora_params, weights_gib
 
     sd = tiny_wan_state_dict(seed=0, text_dim=64)
     save_safetensors({k: v.to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "a.safetensors")
     save_safetensors({k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}, tmp_path / "b.safetensors")  # no "fp8" in the name
-    assert weights_gib(str(tmp_path / "b.safetensors"), 2) == pytest.approx(weights_gib(str(tmp_path / "a.safetensors"), 2))
-    assert weights_gib(str(tmp_path / "a.safetensors"), 4) == pytest.approx(
-        sum(v.numel() for v in sd.values()) * 4 / 1024 ** 3)
-    cfg = SimpleNamespace(expert="low", low_noise_model=str(tmp_path / "b.safetensors"), lora_rank=4,
-                          lora_targets="all_linear", lora_exclude=["ffn"])
+    cfg = load_config(write_tiny_run(tmp_path, text_encoder=None))
+    bf16 = run_size(dataclasses.replace(cfg, low_noise_model=str(tmp_path / "a.safetensors")))
+    fp8 = run_size(dataclasses.replace(cfg, low_noise_model=str(tmp_path / "b.safetensors")))
+    assert (bf16.trained.file_bytes_per_value, fp8.trained.file_bytes_per_value) == (2, 1)
+    assert bf16.trained.params == fp8.trained.params == sum(v.numel() for v in sd.values())
     model = load_wan_expert(tmp_path / "a.safetensors", torch.float32)
-    add_lora(model, 4, 4.0, "all_linear", ["ffn"])
-    assert lora_params(cfg) == sum(p.numel() for p in lora_parameters(model).values())
-    full = load_config(write_tiny_run(tmp_path, text_encoder=None))
-    gpu_plain, _ = estimate_memory_gib(full, 1, {})
-    gpu_offload, _ = estimate_memory_gib(full, 1, {"stage": 3, "offload_param": True,
-                                                              "offload_optimizer": True})
-    assert gpu_offload < gpu_plain and gpu_plain > 2 * 0.99e9 * 4 / 1024 ** 3  # HPS + MPS at their real size
+    add_lora(model, cfg.lora_rank, 4.0, "all_linear", ["ffn"])
+    assert bf16.lora_params == sum(p.numel() for p in lora_parameters(model).values())
+    plain = estimate(bf16, "fast", 1, 1, DeepSpeedShape())
+    offload = estimate(bf16, "fast", 1, 1, DeepSpeedShape(stage=3, offload_param=True, offload_optimizer=True))
+    # offloaded: the trained expert and AdamW's states leave the GPU; the rewards count at their real size
+    assert "trained expert" in plain.parts and "AdamW states" in plain.parts
+    assert offload.parts["trained expert (ZeRO-3)"] == 0 and "AdamW states" not in offload.parts
+    assert plain.parts["reward models"] > 2 * 0.99e9 * 4 / 1024 ** 3 * 0.9
 
 
 def test_validation_decodes_once_with_the_same_reward_frames(tiny):
-    from training.trainer.loop import RewardTrainer
+    from training.trainer.step import RewardStep
     from training.trainer.models import decode_latents, load_wan_vae
 
     cfg = load_config(_config(tiny, "dec", frames=9, decoded_latents=2, reward_frames=3))
     vae = load_wan_vae(cfg.vae, torch.float32)
-    trainer = RewardTrainer.__new__(RewardTrainer)
+    trainer = RewardStep.__new__(RewardStep)
     trainer.cfg, trainer.vae = cfg, vae
     latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

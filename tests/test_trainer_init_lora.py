@@ -16,7 +16,7 @@ from training.lora_format import read_lora
 from training.safe_io import save_safetensors
 from training.tiny_models import linear_module_names
 from training.trainer.config import ConfigError, config_from_dict
-from training.trainer.loop import train
+from training.trainer.recipe import train
 from training.trainer.models import strip_prefix
 from training.trainer.progress import Progress, parse_events
 

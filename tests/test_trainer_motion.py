@@ -12,7 +12,9 @@ import yaml
 from training.demo import write_tiny_run
 from training.rewards.motion import motion_energy, motion_hinge
 from training.trainer.config import config_from_dict
-from training.trainer.loop import RewardTrainer, adapt, load_rewards, train
+from training.trainer.components import adapt, load_rewards
+from training.trainer.recipe import train
+from training.trainer.step import RewardStep
 from training.trainer.lora import lora_parameters
 from training.trainer.models import load_wan_expert, load_wan_vae, read_prompt_embeddings
 from training.trainer.progress import Progress, parse_events
@@ -39,7 +41,7 @@ def stack(tmp_path_factory):
     experts = {n: load_wan_expert(getattr(cfg, f"{n}_noise_model"), torch.float32) for n in ("high", "low")}
     torch.manual_seed(0)
     adapt(cfg, experts["low"])
-    trainer = RewardTrainer(cfg, experts, load_wan_vae(cfg.vae, torch.float32),
+    trainer = RewardStep(cfg, experts, load_wan_vae(cfg.vae, torch.float32),
                             load_rewards(cfg.rewards, "cpu", torch.float32, "rewards"),
                             read_prompt_embeddings(cfg.prompt_embeddings), cfg.prompts, torch.device("cpu"), 0)
     return folder, config, trainer

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from training.demo import PROMPTS, VALIDATION_PROMPTS, write_tiny_run
 from training.lora_format import match_lora, read_lora, save_canonical_lora
 from training.trainer.config import load_config
-from training.trainer.loop import GamingGuard, average_loras, train
+from training.trainer.outputs import average_loras
+from training.trainer.recipe import train
+from training.trainer.validation import GamingGuard
 from training.trainer.models import strip_prefix
 from training.trainer.progress import EXIT_PREFLIGHT, Progress, parse_events
 

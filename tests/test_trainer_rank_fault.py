@@ -17,7 +17,7 @@ import yaml
 from training.demo import PROMPTS, VALIDATION_PROMPTS, TEXT_DIM, write_tiny_run
 from training.lora_format import read_lora
 from training.tiny_models import random_prompt_embeddings
-from training.trainer.loop import step_rng
+from training.trainer.step import step_rng
 from training.trainer.models import write_prompt_embeddings
 from training.trainer.progress import parse_events
 

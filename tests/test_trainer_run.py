@@ -13,7 +13,7 @@ from training.demo import write_tiny_run
 from training.lora_format import match_lora, merged_weights, read_lora, save_canonical_lora
 from training.trainer.config import load_config
 from training.trainer.lora import add_lora, lora_parameters, lora_state, native_modules
-from training.trainer.loop import train
+from training.trainer.recipe import train
 from training.trainer.models import load_wan_expert, strip_prefix
 from training.trainer.progress import Progress, parse_events
 

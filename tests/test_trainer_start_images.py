@@ -16,7 +16,7 @@ from PIL import Image
 from training.demo import write_tiny_run
 from training.trainer.conditioning import StartImages, read_start_images, start_image_condition
 from training.trainer.config import ConfigError, config_from_dict
-from training.trainer.loop import train
+from training.trainer.recipe import train
 from training.trainer.models import load_wan_vae
 from training.trainer.progress import Progress, parse_events
 
@@ -77,14 +77,14 @@ def test_conditioning_equals_the_fun_inp_layout(tiny):
 
 
 def test_start_images_change_the_trajectory(tiny):
-    from training.trainer.loop import RewardTrainer
+    from training.trainer.step import RewardStep
     from training.trainer.models import load_wan_expert, read_prompt_embeddings
 
     _, config, images, _ = tiny
     cfg = config_from_dict(dict(config, start_images=str(images), validation_start_images=None, validation_every=0))
     experts = {n: load_wan_expert(getattr(cfg, f"{n}_noise_model"), torch.float32) for n in ("high", "low")}
     vae = load_wan_vae(cfg.vae, torch.float32)
-    trainer = RewardTrainer(cfg, experts, vae, [], read_prompt_embeddings(cfg.prompt_embeddings), cfg.prompts,
+    trainer = RewardStep(cfg, experts, vae, [], read_prompt_embeddings(cfg.prompt_embeddings), cfg.prompts,
                             torch.device("cpu"), 0, start_images=StartImages(read_start_images(images), H, W, FRAMES))
     noise = trainer.noise(1, torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -578,7 +578,9 @@ def train_then_preview(info: dict) -> dict:
         "(its lora_low is linked to the trainer's lora_name) for a short preview video. The reward curve and the "
         "final scores are shown.", ["umt5", "vae", "inp_high", "inp_low", "hps"],
         ["Load umT5 (it encodes the training prompts once) and the VAE.", "Prompt of the preview.",
-         "Train: the expert files, reward model and settings are on the node.", "Load the trained LoRA.",
+         "Train: the expert files, reward model and settings are on the node (recipe 'recommended'; memory "
+         "'auto' picks fast, sharded or low from your GPUs); the options node validates on held-out prompts, "
+         "keeps the best LoRA and shows sample frames while it trains.", "Load the trained LoRA.",
          "Preview: sample a short video with it, decode and save."]))
     g.column()
     clip = text_encoder(g)
@@ -586,16 +588,26 @@ def train_then_preview(info: dict) -> dict:
     g.stage("Step 2 - Preview prompt")
     pos, neg = prompts(g, clip)
     g.stage("Step 3 - Train (low-noise expert)", color="#a1309b")
+    options = g.node("WanRewardLoraTrainOptions", {
+        "validation_prompts": "\n".join([
+            "A lighthouse on a rocky coast at dawn, waves breaking against the rocks.",
+            "A bowl of fresh fruit on a wooden kitchen table, soft window light."]),
+        "validation_every": 100, "held_out_reward": "none", "gaming_guard": "warn", "gaming_patience": 2,
+        "sample_every": 100, "average_last_checkpoints": 0, "motion_weight": 0.0},
+        title="Guards: validation, gaming guard, samples")
+    g.column()
     train = g.node("WanRewardLoraTrain", {
         "high_noise_model": MODELS["inp_high"][0], "low_noise_model": MODELS["inp_low"][0],
         "vae": MODELS["vae"][0], "reward_model": MODELS["hps"][0], "reward_weight": 1.0,
         "prompts": "\n".join([PROMPT, "A sailboat glides across a calm lake at sunset, gentle ripples on the water.",
                               "A busy city street at night with neon signs reflected in puddles, people walking."]),
-        "expert": "low", "rank": 128, "alpha": 64.0, "steps": 2700, "learning_rate": 1e-5, "width": 256,
+        "expert": "low", "rank": 128, "alpha": 64.0, "steps": 3000, "learning_rate": 1e-5, "width": 256,
         "height": 256, "frames": 81, "backprop_steps": 1, "gpus": "auto", "deepspeed": "zero3_offload",
-        "output_name": "my_reward_lora_low", "resume": True, "boundary": 0.9}, size=[440, 1000],
+        "output_name": "my_reward_lora_low", "resume": True, "boundary": 0.9, "recipe": "recommended",
+        "memory": "auto", "batch_size": 1, "gradient_accumulation": 0}, size=[440, 1100],
         models=["inp_high", "inp_low", "vae", "hps"])
     g.link(clip, 0, train, "clip")
+    g.link(options, 0, train, "options")
     g.column()
     curve = g.node("PreviewImage", title="Reward curve")
     g.link(train, "reward_curve", curve, "images")

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from .lora_format import match_lora, read_lora
     from .trainer.config import load_config
-    from .trainer.loop import train
+    from .trainer.recipe import train
     from .trainer.progress import Progress, parse_events
 
     t0 = time.time()

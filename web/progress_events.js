@@ -8,6 +8,7 @@ export const EVENT_FIELDS = {
     "deepspeed",
     "effective_batch",
     "expert",
+    "frozen_local_fraction",
     "gradient_accumulation_steps",
     "gradient_clipping",
     "init_lora",
@@ -17,6 +18,8 @@ export const EVENT_FIELDS = {
     "lora_rank",
     "max_steps",
     "memory_at_start_mb",
+    "memory_mode",
+    "memory_reason",
     "offload_optimizer_device",
     "offload_param_device",
     "output_dir",
@@ -83,6 +86,9 @@ export const EVENT_FIELDS = {
   "checked": [
     "config",
     "config_hash",
+    "memory",
+    "memory_mode",
+    "memory_reason",
     "overrides"
   ],
   "plan": [

@@ -44,7 +44,7 @@ _STEP_DIR = re.compile(r"^(?:\.replaced-)?step-(\d+)$")
 # whose remaining part follows the new value.
 RESUME_HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_keep", "validation_every", "sample_every",
                    "average_last_checkpoints", "gaming_guard", "gaming_patience", "preflight", "resume", "output_dir",
-                   "base_model_name")
+                   "memory", "base_model_name")
 
 
 class CheckpointMismatch(ConfigError):
@@ -193,9 +193,13 @@ def read_run_info(path: Path) -> dict:
                                  "false to start over (the old checkpoints are moved aside)") from exc
 
 
-def check_resumable(cfg: TrainConfig, info: dict, world_size: int, path: Path) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's, naming the fields."""
-    old = info.get("config") or {}
+def check_resumable(cfg: TrainConfig, info: dict, world_size: int, path: Path, deepspeed: bool | None = None) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's, naming the fields (a field the
+    checkpoint's trainer did not have yet counts as its default)."""
+    from .config import DEPRECATED_KEYS, FIELDS, default
+
+    old = {DEPRECATED_KEYS.get(k, k): v for k, v in (info.get("config") or {}).items()}
+    old = {**{k: default(k) for k in FIELDS if k not in old}, **old}
     new = cfg.to_dict()
     changed = sorted(k for k in set(old) | set(new) if k not in RESUME_HARMLESS and old.get(k) != new.get(k))
     if changed:
@@ -204,6 +208,11 @@ def check_resumable(cfg: TrainConfig, info: dict, world_size: int, path: Path) -
                                  f"{', '.join(changed)} ({detail}). Resuming would mix two runs: restore the old "
                                  "value(s), or set resume: false to start over (the old checkpoints are moved "
                                  f"aside). Fields that may change on resume: {', '.join(RESUME_HARMLESS)}")
+    if deepspeed is not None and "deepspeed" in info and bool(info["deepspeed"]) != deepspeed:
+        was, now = ("with", "without") if info["deepspeed"] else ("without", "with")
+        raise CheckpointMismatch("memory", f"checkpoint {path} was written {was} DeepSpeed and this run is {now} it "
+                                 "(memory mode low runs without DeepSpeed, the other modes with the preset): keep "
+                                 "the memory mode and preset of the checkpoint, or set resume: false to start over")
     if int(info.get("world_size", world_size)) != world_size:
         raise CheckpointMismatch("resume", f"checkpoint {path} was written by {info['world_size']} process(es), "
                                  f"this run has {world_size}: launch with num_processes={info['world_size']} or "

@@ -34,12 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         progress.emit("error", kind="config", field=exc.field, message=str(exc))
         return EXIT_CONFIG
-    progress = Progress(cfg.output_dir, main_process=_is_main_process())
-    from .preflight import PreflightError, check_environment
+    # until training starts, events go to stdout only: a refused run writes nothing into its folder
+    from .preflight import PreflightError, check_environment, unchecked_decision
 
     try:
-        if cfg.preflight:
-            check_environment(cfg)
+        decision = check_environment(cfg) if cfg.preflight else unchecked_decision(cfg)
     except PreflightError as exc:
         progress.emit("error", kind="preflight", field=None, message=str(exc))
         return EXIT_PREFLIGHT
@@ -51,14 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     for warning in deprecated:
         progress.emit("warning", step=None, message=str(warning.message))
-    if args.check_only:  # the resolved config: the recipe's values with the run's on top
-        progress.emit("checked", config_hash=cfg.config_hash(), config=cfg.to_dict(),
-                      overrides={k: {"recipe": a, "run": b} for k, (a, b) in recipe_overrides(cfg).items()})
-        return EXIT_OK
-    try:
-        from .loop import train
+    if args.check_only:  # the resolved config, the memory mode, and every mode's estimate
+        from .memory_estimate import run_size
+        from .placement import check_only_table
+        from .preflight import deepspeed_shape
 
-        return train(cfg, progress)
+        progress.emit("checked", config_hash=cfg.config_hash(), config=cfg.to_dict(),
+                      overrides={k: {"recipe": a, "run": b} for k, (a, b) in recipe_overrides(cfg).items()},
+                      memory_mode=decision.mode, memory_reason=decision.reason,
+                      memory=check_only_table(run_size(cfg), deepspeed_shape()))
+        return EXIT_OK
+    progress = Progress(cfg.output_dir, main_process=_is_main_process())
+    try:
+        from .recipe import train
+
+        return train(cfg, progress, decision=decision)
     except ConfigError as exc:  # late checks that need the files (prompts vs embeddings, ...)
         progress.emit("error", kind="config", field=exc.field, message=str(exc))
         return EXIT_CONFIG

@@ -135,7 +135,8 @@ class TrainConfig:
     lora_exclude: list[str] = _lora(lambda: ["ffn"], "str_list", "substrings of native module paths to skip "
                                      "(the reference skips ffn)")
     learning_rate: float = _optimisation(1e-5, "float", "AdamW learning rate", gt=0, lt=1)
-    optimizer: str = _optimisation("adamw", "choice", "torch AdamW", choices=("adamw",))
+    optimizer: str = _optimisation("adamw", "choice", "torch AdamW; sgd: plain gradient descent (for checks and "
+                                   "ablations: the step is -learning_rate x gradient)", choices=("adamw", "sgd"))
     adam_beta1: float = _optimisation(0.9, "float", "AdamW beta1", ge=0, lt=1)
     adam_beta2: float = _optimisation(0.999, "float", "AdamW beta2", ge=0, lt=1)
     adam_epsilon: float = _optimisation(1e-10, "float", "AdamW epsilon", gt=0)
@@ -191,6 +192,10 @@ class TrainConfig:
                                            "LoRAs (one LoRA of rank N x lora_rank)", ge=0)
     sample_every: int = _guards(0, "int", "steps between saving the decoded training frames as PNG (0 = off)", ge=0)
     preflight: bool = _guards(True, "bool", "check GPUs and memory before loading models")
+    memory: str = _guards("auto", "choice", "where the models live (docs/memory.md): fast (the frozen expert whole on "
+                          "each GPU), sharded (it too partitioned across the GPUs), low (one GPU: both experts "
+                          "stream from host memory), auto (the fastest that fits)",
+                          choices=("auto", "fast", "sharded", "low"))
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -215,7 +220,7 @@ class TrainConfig:
     def config_hash(self) -> str:
         """sha256 (16 hex) of the settings that shape the LoRA (not output paths or run control)."""
         data = self.to_dict()
-        for key in ("output_dir", "resume", "preflight", "checkpoint_every", "checkpoints_keep", "recipe"):
+        for key in ("output_dir", "resume", "preflight", "checkpoint_every", "checkpoints_keep", "recipe", "memory"):
             data.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

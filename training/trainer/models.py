@@ -25,13 +25,20 @@ _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 _FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
-def dequantize(sd: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str = "file") -> dict[str, torch.Tensor]:
+def dequantize(sd: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str = "file",
+               keep_fp8: dict | None = None) -> dict[str, torch.Tensor]:
     """Cast to ``dtype``, applying ComfyUI's fp8 "scaled" convention (comfy/ops.py
     ``scaled_fp8_ops``): a ``<m>.weight`` with a ``<m>.scale_weight`` is ``weight * scale_weight``
     (torch broadcasting, as ComfyUI multiplies); ``<m>.scale_input`` only scales the input of
     ComfyUI's fp8 matmul, whose result equals the dequantised weight's, so it is dropped; the
     ``scaled_fp8`` marker is dropped. Other quantisation scales (``.weight_scale``,
-    ``.input_scale``: formats ComfyUI 0.3.64 does not read either) are refused, naming the key."""
+    ``.input_scale``: formats ComfyUI 0.3.64 does not read either) are refused, naming the key.
+
+    ``keep_fp8``: a dict to fill instead of dequantising the fp8 Linear weights of the blocks (over
+    99 % of an expert's; diffusers casts the timestep to the time embedding's weight dtype, so the
+    top-level layers are dequantised): they stay fp8
+    (``stream.StreamedLinear`` casts them at use) and ``keep_fp8[<m>]`` gets each one's scale (or
+    None). A tensor already in ``dtype`` is returned as it is (a memory-mapped file stays shared)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key.endswith((".weight_scale", ".input_scale")):
@@ -41,6 +48,11 @@ def dequantize(sd: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str = "
         if key == "scaled_fp8" or key.endswith(("scaled_fp8", ".scale_weight", ".scale_input")):
             continue
         scale = sd.get(key[: -len(".weight")] + ".scale_weight") if key.endswith(".weight") else None
+        if (keep_fp8 is not None and value.dtype in _FP8 and value.ndim == 2 and key.endswith(".weight")
+                and key.startswith("blocks.")):  # the blocks' Linears (the models cast inputs to the others' dtype)
+            keep_fp8[key[: -len(".weight")]] = None if scale is None else scale.float()
+            out[key] = value
+            continue
         if scale is not None:
             try:
                 value = value.float() * scale.float()
@@ -99,23 +111,34 @@ def _build(cls, config: dict, sd: dict, what: str):
 
 
 def load_wan_expert(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                    merge_lora: tuple[str, float] | None = None):
+                    merge_lora: tuple[str, float] | None = None, keep_fp8: bool = False):
     """A ComfyUI-format Wan expert as a frozen diffusers ``WanTransformer3DModel`` (eval, CPU).
 
-    ``merge_lora``: (LoRA file, strength) merged into the weights, ``W + s * alpha/rank * up @
-    down`` as ComfyUI applies it (for a frozen expert: exact, and no adapters to run)."""
+    The file's tensors are memory-mapped (safetensors): weights already in ``dtype`` are not copied,
+    so the processes of a machine share them. ``keep_fp8``: fp8 Linear weights stay fp8 and
+    ``model.fp8_scales`` maps each such Linear (diffusers path) to its scale or None; the caller
+    must then wrap those layers (``stream.stream_linears``) before a forward. ``merge_lora``: (LoRA
+    file, strength) merged into the weights, ``W + s * alpha/rank * up @ down`` as ComfyUI applies
+    it (for a frozen expert: exact, and no adapters to run)."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    native = strip_prefix(dequantize(read_state_dict(path, "Wan expert"), dtype, f"Wan expert {path}"))
+    from ..wan_names import diffusers_to_native
+
+    kept: dict | None = {} if keep_fp8 else None
+    native = dequantize(strip_prefix(read_state_dict(path, "Wan expert")), dtype, f"Wan expert {path}", kept)
+    kept = kept or {}
     if merge_lora is not None:
         from ..lora_format import merged_weights, read_lora
 
         merged = merged_weights(native, read_lora(merge_lora[0]), merge_lora[1])
         native.update({k: v.to(dtype) for k, v in merged.items()})
+        kept = {m: s for m, s in kept.items() if f"{m}.weight" not in merged}  # merged weights are in dtype now
     config = wan_config_from_state_dict(native, str(path))
     converted = convert_wan_transformer_to_diffusers(dict(native))
     model = _build(WanTransformer3DModel, config, converted, f"Wan expert {path}")
+    model.fp8_scales = {name: kept[diffusers_to_native(name)] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and diffusers_to_native(name) in kept}
     return model.requires_grad_(False).eval()  # tensors already in dtype (no .to(): keeps fp32 buffers)
 
 

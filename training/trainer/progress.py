@@ -57,7 +57,9 @@ EVENTS: dict[str, dict[str, str]] = {
         "batch_size": "prompts per process per micro-step", "gradient_accumulation_steps": "micro-steps per step",
         "effective_batch": "batch x accumulation x processes", "lora_rank": "rank", "lora_alpha": "alpha",
         "init_lora": "the LoRA the run started from, or null", "start_images": "number of start images (0: T2V-style "
-        "zero conditioning)", "zero_stage": "DeepSpeed ZeRO stage (DeepSpeed only)",
+        "zero conditioning)", "memory_mode": "fast, sharded or low (docs/memory.md)", "memory_reason": "why this mode "
+        "(auto: the estimates of the faster modes)", "frozen_local_fraction": "the share of the frozen expert this "
+        "process holds (1.0 unless sharded)", "zero_stage": "DeepSpeed ZeRO stage (DeepSpeed only)",
         "offload_param_device": "cpu, nvme or none (DeepSpeed only)", "offload_optimizer_device": "cpu, nvme or none "
         "(DeepSpeed only)", "lora_params_partitioned": "bool (DeepSpeed only)"},
     "step": {
@@ -82,7 +84,10 @@ EVENTS: dict[str, dict[str, str]] = {
     "error": {"kind": "config | preflight | runtime", "field": "the config field, or null", "message": "what failed "
               "and what to do", "step": "a fault in a step: the last good step (saved first)"},
     "checked": {"config_hash": "hash of the settings", "config": "the resolved config (the recipe's values with the "
-                "run's on top)", "overrides": "{field: {recipe, run}} the run sets on top of its recipe"},
+                "run's on top)", "overrides": "{field: {recipe, run}} the run sets on top of its recipe",
+                "memory_mode": "the mode the run would use here", "memory_reason": "why",
+                "memory": "estimated peak GPU and host memory of each mode for 1, 2 and 8 GPUs, and the mode auto "
+                "picks for 24, 32, 48 and 80 GB GPUs"},
 }
 # Events the ComfyUI node itself sends on the websocket, besides the trainer's.
 NODE_EVENTS: dict[str, dict[str, str]] = {

@@ -74,6 +74,7 @@ class TrainRequest:
     sample_every: int = 0
     average_last_checkpoints: int = 0
     motion_weight: float = 0.0
+    memory: str = "auto"
 
 
 @dataclass
@@ -86,6 +87,7 @@ class RunPlan:
     accumulation: int
     recipe_batch: int | None
     warnings: list[str] = field(default_factory=list)
+    memory_reason: str = ""
 
     @property
     def run_yaml(self) -> str:
@@ -111,6 +113,8 @@ class RunPlan:
         lines = [f"recipe {cfg.recipe}, expert {cfg.expert}; effective batch {self.effective_batch} = batch "
                  f"{cfg.batch_size} x accumulation {self.accumulation} x {self.processes} process(es)"
                  + (f" (the recipe's: {self.recipe_batch})" if self.recipe_batch else "")]
+        if self.memory_reason:
+            lines.append(f"memory: {self.on_top.get('memory', cfg.memory)}: {self.memory_reason}")
         if self.overrides:
             lines.append("set on top of the recipe: " + ", ".join(
                 f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in self.overrides.items()))
@@ -144,7 +148,7 @@ _REQUEST_FIELDS = ("high_noise_model", "low_noise_model", "vae", "prompt_embeddi
                    "height", "frames", "backprop_steps", "inference_steps", "guidance_scale", "shift", "boundary",
                    "seed", "checkpoint_every", "resume", "init_lora", "start_images", "validation_every",
                    "validation_start_images", "gaming_guard", "gaming_patience", "sample_every",
-                   "average_last_checkpoints", "motion_weight", "output_dir", "output_name")
+                   "average_last_checkpoints", "motion_weight", "output_dir", "output_name", "memory")
 
 
 def plan_run(request: TrainRequest) -> RunPlan:
@@ -189,3 +193,41 @@ def plan_run(request: TrainRequest) -> RunPlan:
     on_top = {k: v for k, v in values.items() if k not in RECIPES[request.recipe] or k in changed
               or k in device_fields or k == "rewards" or k == "held_out_rewards"}
     return RunPlan(cfg, on_top, header, changed, request.processes, accumulation, recipe_batch, warnings)
+
+
+def preset_shape(preset: str, cpu: bool):
+    """What a launcher preset's DeepSpeed JSON does with the trained expert (memory_estimate.DeepSpeedShape)."""
+    import json
+    from pathlib import Path
+
+    from .launcher import PACK_ROOT, preset_config_file
+    from .memory_estimate import DeepSpeedShape
+
+    accelerate_file = preset_config_file(preset, cpu=cpu)
+    if accelerate_file is None:
+        return DeepSpeedShape()
+    ds_file = (yaml.safe_load(Path(accelerate_file).read_text()).get("deepspeed_config") or {}).get(
+        "deepspeed_config_file")
+    zero = json.loads((PACK_ROOT / ds_file).read_text()).get("zero_optimization", {}) if ds_file else {}
+    return DeepSpeedShape(stage=int(zero.get("stage", 0)),
+                          offload_param=zero.get("offload_param", {}).get("device", "none") != "none",
+                          offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none")
+
+
+def choose_memory(plan: RunPlan, preset: str, cpu: bool, gpu_gib: float | None, host_gib: float | None) -> tuple[str, str]:
+    """The memory mode the node launches (``plan``'s request, auto resolved) and the DeepSpeed preset it
+    launches with (``none`` for low, which runs one process without DeepSpeed); the choice is written
+    into run.yaml and the plan. ``gpu_gib``: the GPU memory the trainer will have (None on CPU)."""
+    from .memory_estimate import run_size
+    from .placement import decide
+
+    shape = preset_shape("none" if plan.config.memory == "low" else preset, cpu)
+    decision = decide(run_size(plan.config), plan.config.memory, plan.processes, plan.processes, shape, gpu_gib,
+                      host_gib)
+    plan.on_top["memory"] = decision.mode
+    plan.header.append(f"# memory: {decision.mode}: {decision.reason}")
+    plan.memory_reason = decision.reason
+    if decision.mode == "low" and preset != "none":
+        plan.warnings.append(f"memory mode low runs one process without DeepSpeed: the preset {preset} is not used")
+        preset = "none"
+    return decision.mode, preset
