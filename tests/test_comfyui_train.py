@@ -226,7 +226,7 @@ def test_trainer_failure_is_a_node_error_with_log_tail(tiny_models):
 
 
 def test_second_run_into_the_same_folder_is_refused(tiny_models):
-    from training.trainer.launcher import run_lock
+    from training.trainer.locks import run_lock
 
     comfyui = tiny_models
     runs = comfyui.output / "wan_reward_lora"
@@ -286,7 +286,7 @@ def test_comfyui_killed_mid_run_then_restarted_resumes_and_says_so(tmp_path):
     from comfyui_server import ComfyUIServer
     from conftest import comfyui_path
 
-    from training.trainer.launcher import trainer_processes
+    from training.trainer.locks import trainer_processes
 
     first = ComfyUIServer(comfyui_path(), tmp_path / "comfyui")
     first.start()

@@ -210,7 +210,7 @@ def test_a_real_full_disk_during_checkpoints_loses_nothing(tmp_path):
 PUBLISH_SCRIPT = textwrap.dedent("""
     import shutil, sys, time
     sys.path.insert(0, sys.argv[5])
-    from training.trainer import launcher
+    from training.trainer import publish as launcher
 
     source, target, run_dir, mode = sys.argv[1:5]
     if mode == "slow":  # copy in 64 KiB chunks, announcing each, so the kill lands mid-copy
@@ -231,7 +231,7 @@ PUBLISH_SCRIPT = textwrap.dedent("""
 def _lora_file(path: Path, value: float, config_hash: str) -> bytes:
     from safetensors.torch import save_file
 
-    from training.trainer.launcher import TRAINER_TAG
+    from training.trainer.progress import TRAINER_TAG
 
     save_file({"w": torch.full((1 << 19,), value)}, str(path), metadata={"trainer": TRAINER_TAG,
                                                                         "config_hash": config_hash})
@@ -252,7 +252,7 @@ def test_killed_while_publishing_leaves_the_old_or_the_new_lora_whole(tmp_path):
     import signal
     import time
 
-    from training.trainer.launcher import publish_lora
+    from training.trainer.publish import publish_lora
 
     run, loras = tmp_path / "run", tmp_path / "loras"
     run.mkdir()
@@ -292,7 +292,8 @@ COMFYUI_STANDIN = textwrap.dedent("""
     import subprocess, sys, time
     from pathlib import Path
     sys.path.insert(0, sys.argv[3])
-    from training.trainer.launcher import ENTRY_SCRIPT, run_lock
+    from training.trainer.launcher import ENTRY_SCRIPT
+    from training.trainer.locks import run_lock
 
     runs, name = Path(sys.argv[1]), sys.argv[2]
     lock = run_lock(runs, name, owner=f"ComfyUI node 7, output {name!r}").acquire()
@@ -324,7 +325,8 @@ def test_a_dead_callers_run_lock_is_stale_its_trainer_is_not_trained_over(tmp_pa
     import signal
     import time
 
-    from training.trainer.launcher import LaunchError, interrupted_run_notice, run_lock, trainer_processes
+    from training.trainer.failures import LaunchError
+    from training.trainer.locks import interrupted_run_notice, run_lock, trainer_processes
 
     runs = tmp_path / "wan_reward_lora"
     run_dir = runs / "x"
@@ -369,7 +371,9 @@ def test_a_dead_callers_run_lock_is_stale_its_trainer_is_not_trained_over(tmp_pa
 
 def test_a_trainer_started_by_hand_in_the_run_folder_is_not_trained_over(tmp_path):
     """Also for a phase of ``expert: both`` (its own subfolder of the run)."""
-    from training.trainer.launcher import ENTRY_SCRIPT, LaunchError, interrupted_run_notice
+    from training.trainer.failures import LaunchError
+    from training.trainer.launcher import ENTRY_SCRIPT
+    from training.trainer.locks import interrupted_run_notice
 
     run_dir = tmp_path / "wan_reward_lora" / "y"
     phase = run_dir / "low_noise"

@@ -1,4 +1,5 @@
-"""training/trainer/launcher.py without ComfyUI: command/env, devices, stream, graceful stop, lock."""
+"""Running the trainer from another program, without ComfyUI: devices, command and environment, the
+process and its graceful stop, locks, publishing, failure messages (the launcher's parts)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.trainer import launcher
-from training.trainer.launcher import (DeviceChoice, DeviceLock, LaunchError, RunResult, TrainerProcess,
-                                       build_command, build_env, failure_message, parse_devices, parse_event,
-                                       strip_launcher_traceback)
+from training.trainer import launcher, publish
+from training.trainer.devices import DeviceChoice, parse_devices
+from training.trainer.failures import LaunchError, failure_message
+from training.trainer.launcher import build_command, build_env
+from training.trainer.locks import FileLock
+from training.trainer.process import LOG_FILE, RunResult, TrainerProcess, strip_launcher_traceback
+from training.trainer.progress import TRAINER_TAG, parse_event
 
 # A fake trainer: prints progress events and starts a child "rank" in a session of its OWN that
 # ignores SIGTERM (as torch's elastic agent starts ranks), and reacts to STOP / SIGTERM according
@@ -139,11 +143,11 @@ def test_gpu_ids_mapped_through_the_callers_visible_devices(monkeypatch):
     # the lock is per physical GPU: ComfyUI's 0 under "3" and ComfyUI's 1 under "2,3" collide
     folder = Path(tempfile.mkdtemp())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    first = DeviceLock(parse_devices("0,", 1).lock_keys, folder=folder).acquire()
+    first = FileLock(parse_devices("0,", 1).lock_keys, folder=folder).acquire()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     second = parse_devices("1,", 2)
     with pytest.raises(LaunchError, match="GPU 3 \\(ComfyUI's GPU 1\\) is already training"):
-        DeviceLock(second.lock_keys, folder=folder, names=second.lock_names()).acquire()
+        FileLock(second.lock_keys, folder=folder, names=second.lock_names()).acquire()
     first.release()
 
 
@@ -203,7 +207,7 @@ def test_stream_and_graceful_stop(fake):
     assert steps == list(range(1, len(steps) + 1))
     assert "some library noise" in result.log_tail
     assert "some library noise" in proc.log_path.read_text()
-    assert not _alive(child) and not proc.group_alive()
+    assert not _alive(child) and not proc.tree_alive()
 
 
 @pytest.mark.parametrize("mode, grace_s, kill_s, expected, limit_s", [
@@ -216,44 +220,44 @@ def test_stop_escalates_until_the_whole_tree_is_gone(fake, mode, grace_s, kill_s
     t0 = time.monotonic()
     code = proc.stop(grace_s=grace_s, kill_s=kill_s)
     assert code == expected and time.monotonic() - t0 < limit_s
-    assert not _alive(child) and not proc.group_alive()
+    assert not _alive(child) and not proc.tree_alive()
 
 
 # ---- lock and failure messages --------------------------------------------------------------
 
 def test_lock_refuses_second_run_on_same_devices(tmp_path):
-    first = DeviceLock(["gpu0", "gpu1"], owner="run A", folder=tmp_path).acquire()
+    first = FileLock(["gpu0", "gpu1"], owner="run A", folder=tmp_path).acquire()
     with pytest.raises(LaunchError, match="GPU 1 is already training \\(run A pid"):
-        DeviceLock(["gpu1", "gpu2"], owner="run B", folder=tmp_path).acquire()
-    other = DeviceLock(["gpu2", "run-x"], owner="run C", folder=tmp_path).acquire()  # disjoint: fine
+        FileLock(["gpu1", "gpu2"], owner="run B", folder=tmp_path).acquire()
+    other = FileLock(["gpu2", "run-x"], owner="run C", folder=tmp_path).acquire()  # disjoint: fine
     with pytest.raises(LaunchError, match="the run 'x' is already training"):
-        DeviceLock(["gpu3", "run-x"], folder=tmp_path, names={"run-x": "the run 'x'"}).acquire()
-    DeviceLock(["gpu3"], folder=tmp_path).acquire().release()  # the failed attempt released gpu3
+        FileLock(["gpu3", "run-x"], folder=tmp_path, names={"run-x": "the run 'x'"}).acquire()
+    FileLock(["gpu3"], folder=tmp_path).acquire().release()  # the failed attempt released gpu3
     other.release()
     first.release()
-    with DeviceLock(["gpu1"], owner="run B", folder=tmp_path):
+    with FileLock(["gpu1"], owner="run B", folder=tmp_path):
         with pytest.raises(LaunchError, match="already training"):
-            DeviceLock(["gpu1"], folder=tmp_path).acquire()
+            FileLock(["gpu1"], folder=tmp_path).acquire()
 
 
 def test_lock_released_when_holder_dies(tmp_path):
     import subprocess
 
     code = (f"import sys; sys.path.insert(0, {str(launcher.TRAINING_DIR.parent)!r})\n"
-            "from training.trainer.launcher import DeviceLock\n"
-            f"lock = DeviceLock(['gpu0'], folder=__import__('pathlib').Path({str(tmp_path)!r})).acquire()\n"
+            "from training.trainer.locks import FileLock\n"
+            f"lock = FileLock(['gpu0'], folder=__import__('pathlib').Path({str(tmp_path)!r})).acquire()\n"
             "print('held', flush=True); import time; time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(LaunchError, match="GPU 0 is already training"):
-        DeviceLock(["gpu0"], folder=tmp_path).acquire()
+        FileLock(["gpu0"], folder=tmp_path).acquire()
     holder.kill()
     holder.wait()
-    DeviceLock(["gpu0"], folder=tmp_path).acquire().release()
+    FileLock(["gpu0"], folder=tmp_path).acquire().release()
 
 
 def test_run_locks_cannot_collide_with_run_folders(tmp_path):
-    from training.trainer.launcher import run_lock
+    from training.trainer.locks import run_lock
 
     runs = tmp_path / "wan_reward_lora"
     (runs / "x.lock").mkdir(parents=True)  # the run folder of output "x.lock"
@@ -264,14 +268,14 @@ def test_run_locks_cannot_collide_with_run_folders(tmp_path):
     # a lock folder that cannot be made: a clear error, not a raw OSError
     (tmp_path / "file").write_text("")
     with pytest.raises(LaunchError, match="cannot open the lock file .*file/gpu0.lock.*WAN_REWARD_LOCK_DIR"):
-        DeviceLock(["gpu0"], folder=tmp_path / "file").acquire()
+        FileLock(["gpu0"], folder=tmp_path / "file").acquire()
 
 
 def test_failure_hints():
     oom = RunResult(1, [{"event": "error", "kind": "runtime", "message": "OutOfMemoryError: CUDA out of memory"}],
                     log_tail="Traceback ...")
     text = failure_message(oom)
-    assert "CUDA out of memory" in text and "zero3_offload" in text and "fewer frames" in text
+    assert "CUDA out of memory" in text and "memory mode that ran" in text and "fewer frames" in text
     assert "Traceback" in text
     gpus = RunResult(3, [{"event": "error", "kind": "preflight",
                           "message": "2 processes per node but only 1 GPU(s) visible"}])
@@ -280,7 +284,7 @@ def test_failure_hints():
     assert "'frames'" in failure_message(config) and "fix the field" in failure_message(config)
     crash = RunResult(-9, [], log_tail="Killed")
     assert "exited with code -9" in failure_message(crash)
-    assert os.path.basename(launcher.LOG_FILE) == "train.log"
+    assert os.path.basename(LOG_FILE) == "train.log"
 
 
 def test_curve_and_scores_from_events():
@@ -318,7 +322,7 @@ def test_trainers_stopped_when_the_caller_exits(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     code = (f"import sys, time; sys.path.insert(0, {str(launcher.PACK_ROOT)!r})\n"
-            "from training.trainer.launcher import DeviceChoice, TrainerProcess, build_env\n"
+            "from training.trainer.devices import DeviceChoice\nfrom training.trainer.launcher import build_env\nfrom training.trainer.process import TrainerProcess\n"
             f"p = TrainerProcess([sys.executable, {str(script)!r}, {str(out)!r}, 'ignore_stop'], "
             f"build_env(DeviceChoice(1)), {str(out)!r}).start()\n"
             "while p.next_event(10)['event'] != 'step': pass\n"
@@ -342,7 +346,7 @@ def test_stop_reaches_ranks_started_late(fake):
         time.sleep(0.05)
     ranks = [int((out / name).read_text()) for name in ("child.pid", "late.pid")]
     proc.stop(grace_s=0.2, kill_s=0.5)
-    assert not any(map(_alive, ranks)) and not proc.group_alive()
+    assert not any(map(_alive, ranks)) and not proc.tree_alive()
 
 
 def test_the_trainer_of_a_killed_caller_saves_and_exits(tmp_path):
@@ -357,7 +361,7 @@ def test_the_trainer_of_a_killed_caller_saves_and_exits(tmp_path):
                             backprop_steps=1, output_dir=str(tmp_path / "run"))
     run = tmp_path / "run"
     code = (f"import sys, time; sys.path.insert(0, {str(launcher.PACK_ROOT)!r})\n"
-            "from training.trainer.launcher import DeviceChoice, TrainerProcess, build_command, build_env\n"
+            "from training.trainer.devices import DeviceChoice\nfrom training.trainer.launcher import build_command, build_env\nfrom training.trainer.process import TrainerProcess\n"
             f"p = TrainerProcess(build_command({str(config)!r}, DeviceChoice(1)), build_env(DeviceChoice(1), "
             f"threads=1), {str(run)!r}).start()\n"
             "while (p.next_event(60) or {}).get('event') != 'checkpoint': pass\n"
@@ -366,7 +370,7 @@ def test_the_trainer_of_a_killed_caller_saves_and_exits(tmp_path):
     caller = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         launcher_pid = int(caller.stdout.readline())
-        tree = launcher.psutil.Process(launcher_pid)
+        tree = __import__('psutil').Process(launcher_pid)
         pids = [launcher_pid] + [c.pid for c in tree.children(recursive=True)]
         caller.kill()
         caller.wait()
@@ -418,13 +422,13 @@ def test_publish_refuses_a_lora_this_run_did_not_write(tmp_path):
     from safetensors.torch import load_file, save_file
     import torch
 
-    from training.trainer.launcher import publish_lora
+    from training.trainer.publish import publish_lora
 
     run = tmp_path / "run"
     run.mkdir()
     loras = tmp_path / "loras"
     loras.mkdir()
-    ours = {"trainer": launcher.TRAINER_TAG, "config_hash": "aaaa"}
+    ours = {"trainer": TRAINER_TAG, "config_hash": "aaaa"}
     save_file({"w": torch.ones(2)}, run / "x.safetensors", metadata=ours)
     target = loras / "x.safetensors"
     publish_lora(run / "x.safetensors", target, run)  # new file: fine
@@ -435,7 +439,7 @@ def test_publish_refuses_a_lora_this_run_did_not_write(tmp_path):
     assert load_file(target)["w"].tolist() == [2.0, 2.0]
     # someone's own LoRA of that name, another run's, a non-safetensors file: refused, kept
     for meta, who in (({"ss_network_module": "networks.lora"}, "a file this run did not write"),
-                      ({"trainer": launcher.TRAINER_TAG, "config_hash": "cccc"}, "another reward LoRA run"),
+                      ({"trainer": TRAINER_TAG, "config_hash": "cccc"}, "another reward LoRA run"),
                       (None, "a file this run did not write")):
         other = loras / "other.safetensors"
         if meta is None:
@@ -447,9 +451,9 @@ def test_publish_refuses_a_lora_this_run_did_not_write(tmp_path):
                                               "output_name, or delete or rename that file"):
             publish_lora(run / "x.safetensors", other, run)
         with pytest.raises(LaunchError, match="already exists"):
-            launcher.check_publish_target(other, run, "bbbb")  # the node's check before training
+            publish.check_publish_target(other, run, "bbbb")  # the node's check before training
         assert other.read_bytes() == before
-    launcher.check_publish_target(loras / "absent.safetensors", run, None)
+    publish.check_publish_target(loras / "absent.safetensors", run, None)
 
 
 def test_last_events_are_all_drained(tmp_path):

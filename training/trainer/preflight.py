@@ -51,7 +51,8 @@ def deepspeed_settings() -> dict:
             "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none") != "none"}
 
 
-def deepspeed_shape() -> "DeepSpeedShape":
+def deepspeed_shape():
+    """memory_estimate.DeepSpeedShape of the DeepSpeed JSON this process was launched with."""
     from .memory_estimate import DeepSpeedShape
 
     ds = deepspeed_settings()
