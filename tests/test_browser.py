@@ -294,10 +294,36 @@ def test_chart_appears_when_training_events_arrive(page, comfyui):
     time.sleep(1.0)
     shot = page.screenshot(page.shots / "train_chart.png")
     assert shot.stat().st_size > 10_000
+    _write_readme_picture(page, node_id)
     # the reward curve is drawn inside the plot area (the labels above it do not count)
     assert page.js(CURVE_PIXELS + "(document.querySelector('canvas.wan-reward-train-chart'))") > 20, \
         "no reward curve drawn"
     assert not _our_errors(page.console), page.console
+
+
+README_PICTURE = WORKFLOWS.parent / "docs" / "images" / "reward_lora_train.png"
+
+
+def _write_readme_picture(page, node_id: int) -> None:
+    """The README's picture: the training workflow with the Train node's reward curve, as a user sees it.
+    Written when WAN_REWARD_WRITE_THUMBNAILS=1 (the curve differs run by run, so it is not compared)."""
+    if not WRITE_THUMBNAILS:
+        assert README_PICTURE.is_file(), f"{README_PICTURE} is missing: run this test with WAN_REWARD_WRITE_THUMBNAILS=1"
+        return
+    page.call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
+    try:
+        time.sleep(0.8)  # the frontend resizes its canvas to the window
+        page.js("window.app.extensionManager?.setting?.set('Comfy.Minimap.Visible', false)")
+        # The Train node's lower part (its curve and report) with the nodes around it, text readable.
+        page.js(f"(() => {{ const c = window.app.canvas, n = window.app.graph.getNodeById({node_id}); "
+                "const s = 0.8; c._min_font_size_for_lod = 0; c.updateLowQualityThreshold?.(); c.ds.scale = s; "
+                "c.ds.offset[0] = 520 / s - n.pos[0]; "
+                "c.ds.offset[1] = 990 / s - n.pos[1] - n.size[1]; c.setDirty(true, true); })()")
+        time.sleep(1.0)
+        README_PICTURE.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(README_PICTURE)
+    finally:
+        page.call("Emulation.clearDeviceMetricsOverride")
 
 
 # Blue (#5b9bff) pixels inside the chart's plot area (canvas.dataset.plotBox, CSS px, border excluded).
