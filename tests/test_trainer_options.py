@@ -4,7 +4,6 @@ checkpoint averaging and the preflight refusal."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -16,28 +15,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers.trainer_runs import train_events as _train
 from training.demo import PROMPTS, VALIDATION_PROMPTS, write_tiny_run
 from training.lora_format import match_lora, read_lora, save_canonical_lora
 from training.trainer.config import load_config
 from training.trainer.outputs import average_loras
-from training.trainer.recipe import train
 from training.trainer.validation import GamingGuard
 from training.trainer.models import strip_prefix
-from training.trainer.progress import EXIT_PREFLIGHT, Progress, parse_events
+from training.trainer.progress import EXIT_PREFLIGHT
 
 PACK = Path(__file__).resolve().parents[1]
-
-
-def _train(path: Path) -> list[dict]:
-    cfg = load_config(path)
-    out = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train(cfg, Progress(cfg.output_dir, stream=out)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return parse_events(out.getvalue())
 
 
 def test_high_expert_random_window_batch_accumulation_samples(tmp_path):

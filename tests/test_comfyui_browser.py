@@ -20,11 +20,11 @@ import pytest
 import requests
 from PIL import Image
 
-from test_comfyui_train import no_prompt_left_running, train_prompt, write_tiny_models  # noqa: F401 (autouse)
-from test_workflows import overlapping
+from tests.helpers.comfyui_train import train_prompt, write_tiny_models
+from tests.helpers.workflow_layout import overlapping
 from training.rewards.tiny import write_tiny_hps_checkpoint
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("no_prompt_left_running")]
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 # Thumbnails: rendered from the frontend's canvas and compared with the committed .jpg beside each
 # workflow; set this to 1 to write them instead (after a workflow changed).
