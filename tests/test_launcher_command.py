@@ -44,3 +44,23 @@ def test_command_and_env(tmp_path, monkeypatch):
     assert env["CUDA_VISIBLE_DEVICES"] == "1,3" and "RANK" not in env and env["OMP_NUM_THREADS"] == "1"
     assert build_env(DeviceChoice(2), base={})["CUDA_VISIBLE_DEVICES"] == ""
 
+
+def test_cpu_runs_get_one_thread_per_process_unless_the_caller_set_it(monkeypatch):
+    """Several threads per process on shared cores made a tiny CPU run ten times slower."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    for devices in (DeviceChoice(1), DeviceChoice(2)):  # "cpu", "cpu:2"
+        env = build_env(devices)
+        assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1"
+        assert build_env(devices, base={"PATH": "/bin"})["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's value is kept
+    env = build_env(DeviceChoice(2))
+    assert env["OMP_NUM_THREADS"] == "3" and "MKL_NUM_THREADS" not in env
+    env = build_env(DeviceChoice(1), base={"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "2"})
+    assert env["OMP_NUM_THREADS"] == "4" and env["MKL_NUM_THREADS"] == "2"
+    env = build_env(DeviceChoice(1), base={"MKL_NUM_THREADS": "2"})
+    assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "2"
+    gpu = build_env(DeviceChoice(1, ("0",)), base={})  # GPU runs keep torch's own default
+    assert "OMP_NUM_THREADS" not in gpu and "MKL_NUM_THREADS" not in gpu
+    assert build_env(DeviceChoice(1), base={"OMP_NUM_THREADS": "4"}, threads=2)["OMP_NUM_THREADS"] == "2"
