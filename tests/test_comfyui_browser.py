@@ -286,7 +286,7 @@ def test_chart_appears_when_training_events_arrive(page, comfyui):
                                timeout=240, what="the reward chart with 4 steps")
     except AssertionError as exc:
         history = comfyui.get(f"/history/{response.json()['prompt_id']}").json()
-        raise AssertionError(f"{exc}\nhistory: {json.dumps(history)[:3000]}\nComfyUI log:\n{comfyui.log_tail(40)}")
+        raise AssertionError(f"{exc}\nhistory: {json.dumps(history)[:3000]}\nComfyUI log:\n{comfyui.log_tail(40)}") from exc
     assert int(points) == 4
     comfyui.wait(response.json()["prompt_id"], timeout=120)
     page.js(f"(() => {{ const n = window.app.graph.getNodeById({node_id}); "

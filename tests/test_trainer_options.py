@@ -96,8 +96,8 @@ def test_average_of_checkpoint_loras_is_the_mean_of_the_deltas(tmp_path):
     merged = merged_weights(base, read_lora(path), 1.0)["blocks.0.self_attn.q.weight"] - base["blocks.0.self_attn.q.weight"]
     assert torch.allclose(merged, mean, atol=1e-6)
     # the mean of the factors, the old way, is not the mean of the deltas
-    naive = sum(u for u, _, _ in [l["blocks.0.self_attn.q"] for l in loras]) / 3 @ (
-        sum(d for _, d, _ in [l["blocks.0.self_attn.q"] for l in loras]) / 3)
+    naive = sum(u for u, _, _ in [lora["blocks.0.self_attn.q"] for lora in loras]) / 3 @ (
+        sum(d for _, d, _ in [lora["blocks.0.self_attn.q"] for lora in loras]) / 3)
     assert not torch.allclose(naive, mean, atol=1e-3)
 
 
