@@ -64,10 +64,10 @@ def main():
     import torch
     from safetensors.torch import save_file
 
-    sys.path += [str(PACK), str(PACK / "tests")]  # after ComfyUI: its "nodes" must win
-    from tiny_wan import linear_module_names, random_lora, tiny_wan_state_dict
-
+    sys.path.append(str(PACK))  # after ComfyUI: its "nodes" (and "tests") must win
     loader = import_loader()
+    from wan_reward_lora.tests.helpers.tiny_wan import linear_module_names, random_lora, tiny_wan_state_dict
+
     torch.set_grad_enabled(False)
 
     shape = dict(dim=args.dim, ffn_dim=2 * args.dim, num_layers=args.blocks, head_dim=128)

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from training.rewards.hps import VIT_H_14_CONFIG, HPSRewardModel, build_open_clip_model  # noqa: E402
 from training.rewards.preprocess import CLIP_MEAN, CLIP_STD  # noqa: E402
@@ -62,7 +61,7 @@ def hpsv2_reference(config_name: str, config: dict, state_dict: dict, device: st
     loaded strictly; the text causal mask is not in checkpoints and is recomputed."""
     if importlib.util.find_spec("hpsv2") is None:
         return None
-    from reference_hpsv2 import import_hpsv2
+    from tests.helpers.reference_hpsv2 import import_hpsv2
 
     _, add_model_config, create_model_and_transforms = import_hpsv2(tmp)
     from hpsv2.src.open_clip import get_tokenizer

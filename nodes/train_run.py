@@ -111,8 +111,7 @@ def run_phases(plan: RunPlan, phases: list[TrainConfig], devices, preset: str, n
             mm.unload_all_models()  # the trainer needs the GPU memory ComfyUI holds
             mm.soft_empty_cache(True)
             unloaded = True
-        process = TrainerProcess(command, build_env(devices, threads=devices.cpu_threads()),
-                                 phase.output_dir).start()
+        process = TrainerProcess(command, build_env(devices), phase.output_dir).start()
 
         def report(event: dict, offset=offset, label=label) -> None:
             send(event, node_id, prompt_id, label)

@@ -1,31 +1,14 @@
-"""Shared fixtures: the pack on sys.path, temporary folders, the ComfyUI tier."""
+"""Shared fixtures and hooks: the ComfyUI tier (skipped without COMFYUI_PATH), a running ComfyUI.
+
+Helpers that are not fixtures live in tests/helpers/ (``from tests.helpers.tiny_wan import ...``);
+pytest finds the pack root through pyproject's ``pythonpath``.
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-for path in (str(PACK_ROOT), str(TESTS)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-COMFYUI_SKIP_REASON = (
-    "ComfyUI tier skipped: COMFYUI_PATH is not set to a ComfyUI checkout "
-    "(set COMFYUI_PATH=~/ComfyUI to run it; .ci/run does so when ~/ComfyUI exists)"
-)
-
-
-def comfyui_path() -> Path | None:
-    value = os.environ.get("COMFYUI_PATH")
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    return path if (path / "main.py").is_file() else None
+from tests.helpers.comfyui_server import COMFYUI_SKIP_REASON, comfyui_path
 
 
 def pytest_report_header(config):
@@ -49,7 +32,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 @pytest.fixture(scope="session")
 def comfyui(tmp_path_factory):
     """A running ComfyUI with this pack loaded (session-wide: it takes a minute to start)."""
-    from comfyui_server import start_server
+    from tests.helpers.comfyui_server import start_server
 
     path = comfyui_path()
     if path is None:
@@ -57,3 +40,13 @@ def comfyui(tmp_path_factory):
     server = start_server(path, tmp_path_factory.mktemp("comfyui"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def no_prompt_left_running(comfyui):
+    """After the test, nothing runs in the ComfyUI queue: a failed test must not leave a training
+    running into the next one (modules that train through ComfyUI use it for every test)."""
+    from tests.helpers.comfyui_train import stop_all_prompts
+
+    yield
+    stop_all_prompts(comfyui)

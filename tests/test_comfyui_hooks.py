@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tiny_wan import expected_weight, linear_module_names, random_lora, tiny_wan_state_dict
+from tests.helpers.tiny_wan import expected_weight, linear_module_names, random_lora, tiny_wan_state_dict
 
 pytestmark = pytest.mark.comfyui
 MODULE = "blocks.0.self_attn.q"

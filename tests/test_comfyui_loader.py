@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_wan import expected_weight, linear_module_names, random_lora, tiny_wan_state_dict
+from tests.helpers.tiny_wan import expected_weight, linear_module_names, random_lora, tiny_wan_state_dict
 from training.wan_names import native_to_diffusers
 
 pytestmark = pytest.mark.comfyui
@@ -120,7 +120,7 @@ def _format_cases(experts):
     import json
     import math
 
-    from test_lora_formats import FORMATS, WITH_ALPHA
+    from tests.helpers.lora_files import FORMATS, WITH_ALPHA
 
     modules = linear_module_names()
     cases = {}

@@ -99,7 +99,7 @@ _REGISTER_SCRIPT = textwrap.dedent("""
 
 def test_register_model_folders_merges_extra_paths_and_restricts_extensions(tmp_path):
     """Against ComfyUI's own folder_paths, in ComfyUI's Python."""
-    from comfyui_server import comfyui_python
+    from tests.helpers.comfyui_server import comfyui_python
 
     comfy = Path(os.environ["COMFYUI_PATH"]).expanduser()
     extra, models = tmp_path / "extra", tmp_path / "models"
@@ -372,7 +372,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def test_reward_model_patcher_under_comfyuis_model_management(tmp_path):
     """In ComfyUI's Python: the reward model's ModelPatcher is registered once with load_models_gpu and
     kept (three loads, one entry, nothing moved), its size is the model's, and unloading works."""
-    from comfyui_server import comfyui_python
+    from tests.helpers.comfyui_server import comfyui_python
 
     comfy = Path(os.environ["COMFYUI_PATH"]).expanduser()
     checkpoint = write_tiny_hps_checkpoint(tmp_path / "hps.safetensors", seed=3)

@@ -1,77 +1,35 @@
 """Reward LoRA Train inside a real ComfyUI: a tiny 2-process CPU training end to end, the LoRA in the
-loader's list and loading with zero unmatched keys, Cancel leaving no trainer process, resume."""
+loader's list and loading with zero unmatched keys, Cancel leaving no trainer process, resume; and the
+trainer's LoRA, applied to ComfyUI's own WanModel at strength 1, changes ComfyUI's output exactly as the
+adapters change the trainer's (diffusers) model."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import textwrap
 import time
 
 import pytest
 import requests
 import torch
+from safetensors.torch import load_file, save_file
 
-from training.rewards.tiny import write_tiny_hps_checkpoint, write_tiny_mps_checkpoint
+from tests.helpers.comfyui_server import comfyui_path
+from tests.helpers.comfyui_train import PROMPTS, VALIDATION_PROMPTS, train_prompt, write_tiny_models
+from training.lora_format import save_canonical_lora
 from training.safe_io import save_safetensors
-from training.tiny_models import random_prompt_embeddings, tiny_vae_state_dict, tiny_wan_state_dict
-from training.trainer.models import write_prompt_embeddings
+from training.tiny_models import tiny_wan_state_dict
+from training.trainer.lora import add_lora, lora_parameters, lora_state, native_modules
+from training.trainer.models import load_wan_expert
 
-pytestmark = pytest.mark.comfyui
-PROMPTS = ["a red fox running through snow", "a sailboat on a calm lake at sunset"]
-VALIDATION_PROMPTS = ["a lighthouse on a rocky coast", "a bowl of fruit on a wooden table"]
-
-
-def write_tiny_models(comfyui):
-    """Tiny experts, VAE, HPS and prompt embeddings in the server's folders (once per server)."""
-    if (comfyui.input / "tiny_prompt_embeddings.safetensors").exists():
-        return comfyui
-    save_safetensors(tiny_wan_state_dict(seed=1), comfyui.model_path("diffusion_models", "tiny_train_high.safetensors"))
-    save_safetensors(tiny_wan_state_dict(seed=2), comfyui.model_path("diffusion_models", "tiny_train_low.safetensors"))
-    save_safetensors(tiny_vae_state_dict(seed=3), comfyui.model_path("vae", "tiny_train_vae.safetensors"))
-    write_tiny_hps_checkpoint(comfyui.model_path("reward_models", "HPS_v2.1_train_tiny.safetensors"), seed=0)
-    write_tiny_mps_checkpoint(comfyui.model_path("reward_models", "MPS_train_tiny.safetensors"), seed=0)
-    write_prompt_embeddings(comfyui.input / "tiny_prompt_embeddings.safetensors",
-                            random_prompt_embeddings([""] + PROMPTS + VALIDATION_PROMPTS))
-    return comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("no_prompt_left_running")]
 
 
 @pytest.fixture(scope="module")
 def tiny_models(comfyui):
     return write_tiny_models(comfyui)
-
-
-def stop_all_prompts(comfyui, timeout: float = 120) -> None:
-    """Clear the queue, interrupt the running prompt and wait until nothing runs: a failed test must
-    not leave a training running into the next one."""
-    requests.post(f"{comfyui.url}/queue", json={"clear": True}, timeout=10)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        queue = comfyui.get("/queue").json()
-        if not queue.get("queue_running") and not queue.get("queue_pending"):
-            return
-        requests.post(f"{comfyui.url}/interrupt", json={}, timeout=10)
-        time.sleep(0.5)
-    raise AssertionError(f"the ComfyUI queue did not empty in {timeout} s after /interrupt\n{comfyui.log_tail(40)}")
-
-
-@pytest.fixture(autouse=True)
-def no_prompt_left_running(comfyui):
-    yield
-    stop_all_prompts(comfyui)
-
-
-def train_prompt(output_name: str, steps: int, checkpoint_every: int = 0, resume: bool = True, **extra) -> dict:
-    inputs = dict(
-        high_noise_model="tiny_train_high.safetensors", low_noise_model="tiny_train_low.safetensors",
-        vae="tiny_train_vae.safetensors", reward_model="HPS_v2.1_train_tiny.safetensors", reward_weight=1.0,
-        prompts="\n".join(PROMPTS), expert="low", rank=4, alpha=4.0, steps=steps, learning_rate=2e-3,
-        width=32, height=32, frames=5, backprop_steps=1, gpus="cpu:2", deepspeed="none",
-        output_name=output_name, resume=resume, prompt_embeddings="tiny_prompt_embeddings.safetensors",
-        inference_steps=8, guidance_scale=3.0, shift=5.0, boundary=0.9, seed=0, checkpoint_every=checkpoint_every,
-        gradient_accumulation=1,
-    )
-    inputs.update(extra)
-    return {"1": {"class_type": "WanRewardLoraTrain", "inputs": inputs}}
 
 
 def _events(comfyui, name):
@@ -283,8 +241,7 @@ def test_comfyui_killed_mid_run_then_restarted_resumes_and_says_so(tmp_path):
     ComfyUI finds the run's lock stale, says at which checkpoint the run stopped, and resumes."""
     import signal
 
-    from comfyui_server import ComfyUIServer
-    from conftest import comfyui_path
+    from tests.helpers.comfyui_server import ComfyUIServer
 
     from training.trainer.locks import trainer_processes
 
@@ -420,3 +377,61 @@ def test_memory_modes_train_from_the_node_and_publish(tiny_models, memory, gpus,
     assert f"{name}.safetensors" in comfyui.get("/models/loras").json()
     run_yaml = (comfyui.output / "wan_reward_lora" / name / "run.yaml").read_text()
     assert f"memory: {memory}" in run_yaml
+
+
+# ---- the trainer's LoRA in ComfyUI's own model (formerly test_trainer_comfyui.py) ----------------
+
+# Runs in ComfyUI's Python: ComfyUI loads the expert and the LoRA its own way (as its
+# UNETLoader / LoraLoaderModelOnly nodes do) and runs WanModel's forward on CPU.
+COMFY_SIDE = textwrap.dedent("""
+    import sys
+    comfy_path, folder = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, comfy_path)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import torch
+    import comfy.model_management, comfy.sd, comfy.utils
+    from safetensors.torch import load_file, save_file
+    inputs = load_file(folder + "/inputs.safetensors")
+    patcher = comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(folder + "/expert.safetensors"),
+                                                       model_options={"dtype": torch.float32})
+    def run(p):
+        comfy.model_management.load_models_gpu([p], force_full_load=True)
+        with torch.no_grad():
+            return p.model.diffusion_model(inputs["x"], inputs["t"], inputs["ctx"]).float().contiguous()
+    base = run(patcher)
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(folder + "/lora.safetensors"), 1.0, 0)
+    save_file({"base": base, "lora": run(patched)}, folder + "/outputs.safetensors")
+""")
+
+
+@pytest.mark.comfyui
+def test_lora_changes_comfyui_model_exactly_as_trainer_model(tmp_path):
+    comfy = comfyui_path()
+    python = comfy / ".venv" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no ComfyUI venv at {python}")
+    save_safetensors(tiny_wan_state_dict(seed=0), tmp_path / "expert.safetensors")
+    trainer_model = load_wan_expert(tmp_path / "expert.safetensors", torch.float32)
+    base_model = load_wan_expert(tmp_path / "expert.safetensors", torch.float32)
+    add_lora(trainer_model, rank=4, alpha=2.0, targets="all_linear", exclude=["ffn"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in lora_parameters(trainer_model).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    save_canonical_lora(tmp_path / "lora.safetensors", native_modules(lora_state(trainer_model), 2.0), {})
+    x = torch.randn(1, 36, 2, 4, 4, generator=gen)
+    t = torch.tensor([700.0])
+    ctx = torch.randn(1, 16, 4096, generator=gen)
+    save_file({"x": x, "t": t, "ctx": ctx}, tmp_path / "inputs.safetensors")
+    with torch.no_grad():
+        ours = trainer_model(x, t, ctx, return_dict=False)[0] - base_model(x, t, ctx, return_dict=False)[0]
+    (tmp_path / "comfy_side.py").write_text(COMFY_SIDE)
+    proc = subprocess.run([str(python), str(tmp_path / "comfy_side.py"), str(comfy), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = load_file(tmp_path / "outputs.safetensors")
+    theirs = out["lora"] - out["base"]
+    assert ours.abs().max() > 0.05  # the LoRA changes the output noticeably
+    assert torch.allclose(theirs, ours, atol=1e-4), float((theirs - ours).abs().max())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference_aesthetic import (
+from tests.helpers.reference_aesthetic import (
     ReferenceMLP,
     import_clip,
     openai_vision_to_transformers,

@@ -6,7 +6,6 @@ import os
 import sys
 import types
 
-import pytest
 import torch
 from torch import nn
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reference_hpsv2 import build_reference_model, reference_scores
+from tests.helpers.reference_hpsv2 import build_reference_model, reference_scores
 from training.rewards import load_reward_model
 from training.rewards.tiny import TINY_HPS_CONFIG, write_tiny_hps_checkpoint
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference_pickscore import reference_pixels, reference_scores
+from tests.helpers.reference_pickscore import reference_pixels, reference_scores
 from safetensors.torch import load_file
 
 from training.rewards import load_reward_model

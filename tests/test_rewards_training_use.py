@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_trainer_options import _train
-
+from tests.helpers.trainer_runs import train_events as _train
 from training.demo import write_tiny_run
 from training.rewards.tiny import (
     write_tiny_aesthetic_checkpoint,

@@ -9,7 +9,6 @@ import dataclasses
 import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch

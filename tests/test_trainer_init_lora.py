@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_wan import random_lora
+from tests.helpers.tiny_wan import random_lora
 from training.demo import write_tiny_run
 from training.lora_format import read_lora
 from training.safe_io import save_safetensors

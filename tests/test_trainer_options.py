@@ -4,7 +4,6 @@ checkpoint averaging and the preflight refusal."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -16,28 +15,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers.trainer_runs import train_events as _train
 from training.demo import PROMPTS, VALIDATION_PROMPTS, write_tiny_run
 from training.lora_format import match_lora, read_lora, save_canonical_lora
 from training.trainer.config import load_config
 from training.trainer.outputs import average_loras
-from training.trainer.recipe import train
 from training.trainer.validation import GamingGuard
 from training.trainer.models import strip_prefix
-from training.trainer.progress import EXIT_PREFLIGHT, Progress, parse_events
+from training.trainer.progress import EXIT_PREFLIGHT
 
 PACK = Path(__file__).resolve().parents[1]
-
-
-def _train(path: Path) -> list[dict]:
-    cfg = load_config(path)
-    out = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train(cfg, Progress(cfg.output_dir, stream=out)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return parse_events(out.getvalue())
 
 
 def test_high_expert_random_window_batch_accumulation_samples(tmp_path):
@@ -109,8 +96,8 @@ def test_average_of_checkpoint_loras_is_the_mean_of_the_deltas(tmp_path):
     merged = merged_weights(base, read_lora(path), 1.0)["blocks.0.self_attn.q.weight"] - base["blocks.0.self_attn.q.weight"]
     assert torch.allclose(merged, mean, atol=1e-6)
     # the mean of the factors, the old way, is not the mean of the deltas
-    naive = sum(u for u, _, _ in [l["blocks.0.self_attn.q"] for l in loras]) / 3 @ (
-        sum(d for _, d, _ in [l["blocks.0.self_attn.q"] for l in loras]) / 3)
+    naive = sum(u for u, _, _ in [lora["blocks.0.self_attn.q"] for lora in loras]) / 3 @ (
+        sum(d for _, d, _ in [lora["blocks.0.self_attn.q"] for lora in loras]) / 3)
     assert not torch.allclose(naive, mean, atol=1e-3)
 
 

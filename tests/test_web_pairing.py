@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
+from tests.helpers import PACK_ROOT
 from training.lora_pairing import expert_of, partner_name
 
-PACK_ROOT = __import__("conftest").PACK_ROOT
 NAMES = [
     "Wan2.2-Fun-A14B-InP-high-noise-HPS2.1.safetensors", "Wan2.2-Fun-A14B-InP-low-noise-HPS2.1.safetensors",
     "Wan2.2-Fun-A14B-InP-low-noise-MPS.safetensors", "wan/x_High_Noise.safetensors", "wan/x_Low_Noise.safetensors",

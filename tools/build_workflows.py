@@ -6,8 +6,8 @@ Widget orders come from a live ``/object_info`` (the pack must be loaded), so wi
 follow each node's real input order, with the extra control_after_generate value after seeds.
 Each workflow reads left to right: one group per step ("Step 1 - Load models", ...), laid out
 in columns with no node over another, and a Markdown note with its model files, their folders
-and download links. The JSON files are committed; tests/test_workflows.py checks them against
-/object_info, and tests/test_browser.py loads them in the real frontend (no missing node, no
+and download links. The JSON files are committed; tests/test_workflows_shipped.py checks them against
+/object_info, and tests/test_comfyui_browser.py loads them in the real frontend (no missing node, no
 overlap) and renders the same-name .jpg thumbnails.
 """
 

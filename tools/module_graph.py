@@ -1,5 +1,5 @@
 """The pack's modules and which of the pack's modules each one imports, as the Markdown table of
-docs/design.md (tests/test_pack_layout.py keeps the file equal to it).
+docs/design.md (tests/test_packaging_layout.py keeps the file equal to it).
 
     python tools/module_graph.py            # print the table
     python tools/module_graph.py --write    # rewrite it in docs/design.md

@@ -17,7 +17,6 @@ import argparse
 import pickle
 import sys
 import types
-from collections import OrderedDict
 from pathlib import Path
 
 import torch

@@ -15,7 +15,7 @@ import torch
 from .base import RewardModel
 from .cross_model import CrossModel
 from .hf_clip import (
-    LAION_VIT_H_14_CLIP_CONFIG,
+    LAION_VIT_H_14_CLIP_CONFIG,  # noqa: F401 (re-exported)
     build_hf_clip,
     fill_position_ids,
     infer_clip_config,

@@ -50,10 +50,6 @@ class DeviceChoice:
         return {key: f"GPU {phys}" + (f" (ComfyUI's GPU {rel})" if phys != rel else "")
                 for key, phys, rel in zip(self.lock_keys, self.physical_ids(), self.gpu_ids)}
 
-    def cpu_threads(self) -> int | None:
-        """Threads per CPU process (the cores shared out), None for GPU runs."""
-        return max(1, (os.cpu_count() or 1) // self.num_processes) if self.cpu else None
-
 
 def parse_devices(text: str, visible_gpus: int) -> DeviceChoice:
     """``"auto"``/``""`` (every visible GPU, else 1 CPU process), ``"2"`` (the first 2 GPUs),

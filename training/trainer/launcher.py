@@ -75,7 +75,10 @@ def build_command(config_path: str | os.PathLike, devices: DeviceChoice, preset:
 
 def build_env(devices: DeviceChoice, base: dict | None = None, threads: int | None = None) -> dict[str, str]:
     """Environment of the trainer: ``CUDA_VISIBLE_DEVICES`` from the choice, mapped through the
-    caller's own ``CUDA_VISIBLE_DEVICES`` ("" for CPU runs)."""
+    caller's own ``CUDA_VISIBLE_DEVICES`` ("" for CPU runs). CPU runs get one thread per process
+    (``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` 1: a process per core; a tiny run on 2 busy cores
+    took 10x longer with 2 threads) unless the caller's environment sets ``OMP_NUM_THREADS``;
+    ``threads`` sets it for any run."""
     env = dict(os.environ if base is None else base)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(devices.physical_ids(env))
     env["PYTHONUNBUFFERED"] = "1"
@@ -83,6 +86,9 @@ def build_env(devices: DeviceChoice, base: dict | None = None, threads: int | No
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    elif devices.cpu and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = "1"
+        env.setdefault("MKL_NUM_THREADS", "1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # never inherit a parent's distributed role
     return env

@@ -96,7 +96,7 @@ class TrainerProcess:
         return self
 
     def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
+        assert self.process is not None and self.process.stdout is not None  # noqa: S101 (for type checkers)
         try:
             log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below or on a write error)
         except OSError as exc:
@@ -206,7 +206,7 @@ class TrainerProcess:
         return self.wait(timeout=5.0)
 
     def wait(self, timeout: float | None = None) -> int:
-        assert self.process is not None
+        assert self.process is not None  # noqa: S101 (for type checkers)
         code = self.process.wait(timeout)
         if self._reader is not None:
             self._reader.join(timeout=5.0)

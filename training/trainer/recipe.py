@@ -234,7 +234,7 @@ class RewardLoRARecipe:
         losses, weighted, parts, grad_norm = [], [], {}, None
         for micro in range(self.accumulation):
             with accelerator.accumulate(self.model):
-                result, fault = guarded(lambda: self.stepper.loss(self.step, micro))
+                result, fault = guarded(lambda: self.stepper.loss(self.step, micro))  # noqa: B023 (called at once)
                 fault = agree_on_fault(fault, accelerator)  # before the backward's collectives
                 if fault:
                     raise StepFault(f"step {self.step + 1}: {fault}")

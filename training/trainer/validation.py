@@ -76,8 +76,8 @@ def validate(trainer, held_out, prompts: list[str], seed: int, rank: int = 0, wo
             if not counted or fault:
                 continue
             first = trainer.reward_frames(video)
-            result, fault = guarded(lambda: (trainer.score(first, [prompts[i]], trainer.rewards),
-                                             trainer.score(first, [prompts[i]], held_out)))
+            result, fault = guarded(lambda: (trainer.score(first, [prompts[i]], trainer.rewards),  # noqa: B023
+                                             trainer.score(first, [prompts[i]], held_out)))  # noqa: B023
             if fault:
                 fault = f"validation of prompt {prompts[i]!r}: {fault}"
                 continue

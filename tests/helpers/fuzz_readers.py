@@ -1,9 +1,9 @@
 """Fuzzing the LoRA reader and the reward reader on the bytes of small real files.
 
-Run by tests/test_fuzz_readers.py in a subprocess (a segfault or a hang then fails the test
-instead of killing pytest); by hand for a longer, random search:
+Run by tests/test_faults_reader_fuzz.py in a subprocess (a segfault or a hang then fails the test
+instead of killing pytest); by hand, from the pack root, for a longer, random search:
 
-    .venv/bin/python tests/fuzz_readers.py --out /tmp/fuzz --examples 20000 --random
+    .venv/bin/python -m tests.helpers.fuzz_readers --out /tmp/fuzz --examples 20000 --random
 
 Seeds: a canonical LoRA and a PEFT/diffusers LoRA (safetensors), a LoRA as a torch zip, a
 reward state dict as safetensors, torch zip and legacy (non-zip) pickle, and a whole pickled
@@ -36,7 +36,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the pack root (python -m from there has it already)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

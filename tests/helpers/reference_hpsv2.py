@@ -21,7 +21,7 @@ def import_hpsv2(tmp_dir: Path):
     spec = importlib.util.find_spec("hpsv2")
     if spec is None:
         pytest.skip("hpsv2 not installed: python -m pip install --no-deps -r tests/requirements-reference.txt "
-                    "&& python -m pip install clint args")
+                    "&& python -m pip install -r tests/requirements-reference-deps.txt")
     package = Path(spec.origin).parent
     bpe = package / "src" / "open_clip" / "bpe_simple_vocab_16e6.txt.gz"
     if not bpe.exists():

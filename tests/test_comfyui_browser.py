@@ -20,11 +20,11 @@ import pytest
 import requests
 from PIL import Image
 
-from test_comfyui_train import no_prompt_left_running, train_prompt, write_tiny_models  # noqa: F401 (autouse)
-from test_workflows import overlapping
+from tests.helpers.comfyui_train import train_prompt, write_tiny_models
+from tests.helpers.workflow_layout import overlapping
 from training.rewards.tiny import write_tiny_hps_checkpoint
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("no_prompt_left_running")]
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 # Thumbnails: rendered from the frontend's canvas and compared with the committed .jpg beside each
 # workflow; set this to 1 to write them instead (after a workflow changed).
@@ -286,7 +286,7 @@ def test_chart_appears_when_training_events_arrive(page, comfyui):
                                timeout=240, what="the reward chart with 4 steps")
     except AssertionError as exc:
         history = comfyui.get(f"/history/{response.json()['prompt_id']}").json()
-        raise AssertionError(f"{exc}\nhistory: {json.dumps(history)[:3000]}\nComfyUI log:\n{comfyui.log_tail(40)}")
+        raise AssertionError(f"{exc}\nhistory: {json.dumps(history)[:3000]}\nComfyUI log:\n{comfyui.log_tail(40)}") from exc
     assert int(points) == 4
     comfyui.wait(response.json()["prompt_id"], timeout=120)
     page.js(f"(() => {{ const n = window.app.graph.getNodeById({node_id}); "

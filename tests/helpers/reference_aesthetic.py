@@ -28,7 +28,7 @@ def import_clip():
     if importlib.util.find_spec("clip") is None:
         pytest.skip("openai-clip not installed: python -m pip install --no-deps -r tests/requirements-reference.txt")
     try:
-        import pkg_resources
+        import pkg_resources  # noqa: F401 (whether it exists)
     except ImportError:  # setuptools >= 81 has no pkg_resources: give clip the one name it uses
         import packaging
         import packaging.version

@@ -11,6 +11,8 @@ import pytest
 
 import importlib.util
 
+from tests.helpers.workflow_layout import overlapping
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 _spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "tools" / "build_workflows.py")
@@ -35,18 +37,6 @@ def _boxes(wf) -> dict:
     """{node id: (x0, y0, x1, y1)} with the title bar LiteGraph draws above pos."""
     return {n["id"]: (n["pos"][0], n["pos"][1] - build.TITLE_HEIGHT, n["pos"][0] + n["size"][0],
                       n["pos"][1] + n["size"][1]) for n in wf["nodes"]}
-
-
-def overlapping(boxes: dict) -> list[tuple]:
-    items = sorted(boxes.items(), key=lambda kv: kv[1][0])
-    found = []
-    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(items):
-        for b, (bx0, by0, bx1, by1) in items[i + 1:]:
-            if bx0 >= ax1:
-                break
-            if ay0 < by1 and by0 < ay1:
-                found.append((a, b))
-    return found
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -249,7 +239,7 @@ def _write_tiny_files(comfyui) -> None:
     from PIL import Image
     from safetensors.torch import save_file
 
-    from tiny_wan import linear_module_names, random_lora, tiny_wan_state_dict
+    from tests.helpers.tiny_wan import linear_module_names, random_lora, tiny_wan_state_dict
     from training.rewards.tiny import write_tiny_hps_checkpoint, write_tiny_mps_checkpoint
     from training.safe_io import save_safetensors
     from training.tiny_models import tiny_vae_state_dict

@@ -22,11 +22,25 @@ from pathlib import Path
 
 import requests
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import PACK_ROOT
+
 PACK_FOLDER_NAME = "ComfyUI-wan-reward-lora"
 # Test-only packs loaded beside ours (never shipped): (folder name, path).
 TEST_PACKS = (("comfy_probe_pack", Path(__file__).resolve().parent / "comfy_probe_pack"),)
 MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders", "reward_models", "checkpoints")
+COMFYUI_SKIP_REASON = (
+    "ComfyUI tier skipped: COMFYUI_PATH is not set to a ComfyUI checkout "
+    "(set COMFYUI_PATH=~/ComfyUI to run it; .ci/run does so when ~/ComfyUI exists)"
+)
+
+
+def comfyui_path() -> Path | None:
+    """The ComfyUI checkout of the ComfyUI tier (COMFYUI_PATH), or None when the tier is off."""
+    value = os.environ.get("COMFYUI_PATH")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if (path / "main.py").is_file() else None
 
 
 def comfyui_python(comfy_path: Path) -> str:

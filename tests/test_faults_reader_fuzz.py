@@ -1,6 +1,6 @@
 """The LoRA and reward readers answer damaged files with a refusal naming the file, never a
 crash, a hang or an allocation the file does not back: a bounded hypothesis fuzz run in a
-subprocess (tests/fuzz_readers.py), and the cases it found, each as a plain test."""
+subprocess (tests/helpers/fuzz_readers.py), and the cases it found, each as a plain test."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fuzz_readers import _encode_int, _pickle_ops
+from tests.helpers import PACK_ROOT
+from tests.helpers.fuzz_readers import _encode_int, _pickle_ops
 from training.lora_format import LoraInputError, read_lora, save_canonical_lora
 from training.rewards.registry import checkpoint_kind, read_state_dict
 from training.safe_io import UserFileError, load_torch_weights_only
 from training.torch_file_check import torch_file_problem
 
-FUZZ = Path(__file__).with_name("fuzz_readers.py")
+FUZZ = "tests.helpers.fuzz_readers"
 
 
 def test_fuzzed_files_are_refused_by_name_or_loaded(tmp_path):
@@ -29,8 +30,8 @@ def test_fuzzed_files_are_refused_by_name_or_loaded(tmp_path):
     through the exit code, a hang through the timeout, a large allocation through the address
     space limit inside the fuzzer."""
     try:
-        result = subprocess.run([sys.executable, str(FUZZ), "--out", str(tmp_path), "--examples", "300"],
-                                capture_output=True, text=True, timeout=55, check=False)
+        result = subprocess.run([sys.executable, "-m", FUZZ, "--out", str(tmp_path), "--examples", "300"],
+                                cwd=PACK_ROOT, capture_output=True, text=True, timeout=55, check=False)
     except subprocess.TimeoutExpired as exc:
         case = tmp_path / "current.txt"
         pytest.fail(f"the fuzz run hung; last case: {case.read_text() if case.exists() else '?'}\n{exc.stdout}")

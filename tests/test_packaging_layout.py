@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from tiny_wan import tiny_config, tiny_wan_state_dict
+from tests.helpers.tiny_wan import tiny_config, tiny_wan_state_dict
+from tests.helpers import PACK_ROOT
 from training.wan_names import diffusers_to_native, native_to_diffusers
 
-PACK_ROOT = __import__("conftest").PACK_ROOT
 
 
 def test_training_never_imports_comfyui():

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import PACK_ROOT
+from tests.helpers import PACK_ROOT
 
 
 def test_demo_with_a_relative_output_folder(tmp_path):
