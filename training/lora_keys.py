@@ -6,7 +6,7 @@ the original Wan / ComfyUI path (``blocks.0.self_attn.q``) and the part is
 understands: ``diff``, ``diff_b``, ``dora_scale``, ``lora_mid.weight``, LoHa/LoKr).
 
 Written by hand because no library maps single LoRA keys of all these trainers to
-Wan's native names (diffusers and ComfyUI each convert only some, see comfyui.md §2.3).
+Wan's native names (diffusers and ComfyUI each convert only some, see docs/lora-formats.md).
 Underscore-joined names (kohya ``blocks_0_self_attn_q``) are ambiguous, so they are
 resolved against the table of known module names, never by a blind ``_`` -> ``.``.
 """

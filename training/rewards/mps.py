@@ -1,6 +1,6 @@
 """MPS (Kwai-Kolors, CVPR 2024): HF CLIP (laion ViT-H-14 config, held as data) + the cross model.
 
-Variants (see reward-models.md section 2.5):
+Variants (see docs/reward-models.md):
 - "official" (default): the official single-image scorer, mask threshold 0.3,
   score = logit_scale.exp() * cos (about 100 * cos).
 - "seed": the seed's (VideoX-Fun) training reward, threshold 0.01, plain cosine,
