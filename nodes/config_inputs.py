@@ -1,5 +1,5 @@
 """Widgets for trainer config fields: default, range and tooltip come from the field's declaration
-(training/trainer/config.py), so the node and the trainer cannot disagree."""
+(training/trainer/config_fields.py), so the node and the trainer cannot disagree."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def _is_main_process() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train_reward_lora", description="Train a Wan2.2 reward LoRA.")
-    parser.add_argument("--config", required=True, help="run config YAML (schema: training/trainer/config.py)")
+    parser.add_argument("--config", required=True, help="run config YAML (fields: docs/training-config.md)")
     parser.add_argument("--check-only", action="store_true",
                         help="validate the config and the environment, load nothing, exit")
     args = parser.parse_args(argv)
