@@ -1,7 +1,7 @@
 """Wan Dual LoRA Loader vs two core LoraLoaderModelOnly: time to patched weights, same result.
 
 Two Wan-shaped experts (40 blocks, dim 512 by default, native key layout), one
-VideoX-Fun-format LoRA per expert (the seed's layout: attention + embeddings, no FFN),
+VideoX-Fun-format LoRA per expert (the reference's layout: attention + embeddings, no FFN),
 loaded by each method and then applied the way a sampler does (``load_models_gpu``).
 Both methods run once as a warm-up (which also checks that every patched weight is
 bit-identical), then ``--repeat`` times each, alternating which goes first. Prints the

@@ -23,7 +23,7 @@ from .reward_memory import on_scoring_device
 RewardModelType = io.Custom("WAN_REWARD_MODEL")
 CATEGORY = "Wan Reward LoRA/reward"
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MPS_VARIANTS = ("official", "seed")
+MPS_VARIANTS = ("official", "videox_fun")
 # V3 nodes have no instance state. Cached models are loaded on the CPU; one that scores on a GPU
 # is then under ComfyUI's memory management (nodes/reward_memory.py).
 _CACHE: "OrderedDict[tuple, object]" = OrderedDict()
@@ -80,8 +80,8 @@ def _frame_inputs() -> list:
         io.Int.Input("n", default=4, min=1, max=10000, tooltip="N for every_nth / evenly_spaced"),
         io.Combo.Input("preprocess", options=list(PREPROCESS_MODES), default="reference",
                        tooltip="reference: the model's published pipeline (HPS: long side + pad; MPS, PickScore, "
-                               "aesthetic: short side + centre crop). squash: stretch to 224x224 as the seed's "
-                               "training does"),
+                               "aesthetic: short side + centre crop). squash: stretch to 224x224 as the reference trainer "
+                               "does"),
         io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="frames per forward pass"),
         io.Int.Input("frames_per_video", default=0, min=0, max=100000, optional=True,
                      tooltip="0: each IMAGE input is one video. N: each holds videos of N frames one after another, "
@@ -111,7 +111,7 @@ class WanRewardLoadRewardModel(io.ComfyNode):
                 io.Combo.Input("device", options=_devices(), default="auto"),
                 io.Combo.Input("mps_variant", options=list(MPS_VARIANTS), default="official",
                                tooltip="MPS only (ignored for other files). official: single-image scorer (threshold "
-                                       "0.3, ~100*cos). seed: the seed's training reward (threshold 0.01, cosine)"),
+                                       "0.3, ~100*cos). videox_fun: the reference trainer's reward (threshold 0.01, cosine)"),
             ],
             outputs=[RewardModelType.Output(display_name="reward_model")],
         )

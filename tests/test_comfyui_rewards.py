@@ -146,7 +146,7 @@ def test_first_frame_only(comfyui, setup):
 def test_mps_variant_is_ignored_for_hps_files(comfyui, setup):
     """The node always passes its MPS variant; an HPS file scores as HPS whatever it says."""
     _, expected = setup
-    report = json.loads(comfyui.run(_score_prompt(mps_variant="seed"))["6"]["text"][0])
+    report = json.loads(comfyui.run(_score_prompt(mps_variant="videox_fun"))["6"]["text"][0])
     assert report["model"] == "hps_v2.1" and report["variant"] is None
     assert np.allclose(report["scores"], expected, atol=1e-5)
 

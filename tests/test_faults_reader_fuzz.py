@@ -194,7 +194,7 @@ def test_usable_loras_still_load(tmp_path):
 
 def test_whole_module_pickle_with_odd_fields_is_read_or_refused(tmp_path):
     """The restricted reader walks recorded module state that a damaged file may fill with anything."""
-    from training.rewards.convert_mps import Stub, _module_state_dict
+    from training.rewards.pickled_module import Stub, _module_state_dict
 
     class Odd(Stub):
         pass

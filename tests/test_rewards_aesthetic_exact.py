@@ -17,8 +17,8 @@ from tests.helpers.reference_aesthetic import (
 
 from training.rewards import load_reward_model
 from training.rewards.aesthetic import AestheticMLP
-from training.rewards.convert_aesthetic import join_aesthetic
-from training.rewards.convert_aesthetic import main as convert_main
+from training.rewards.aesthetic import join_aesthetic
+from tools.convert_aesthetic import main as convert_main
 from training.rewards.hf_clip import (
     OPENAI_VIT_L_14_VISION_CONFIG,
     build_hf_clip_vision,

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from training.rewards import load_reward_model
-from training.rewards.convert_mps import main as convert_main
-from training.rewards.convert_mps import read_pickled_module
+from tools.convert_mps import main as convert_main
+from training.rewards.pickled_module import read_pickled_module
 from training.rewards.mps import MPSNetwork
 from training.rewards.tiny import TINY_MPS_CLIP_CONFIG, TINY_MPS_CROSS_CONFIG, tiny_mps_state_dict
 from training.safe_io import save_safetensors

@@ -144,10 +144,10 @@ def test_non_tensor_entries_are_refused(tmp_path):
 
 def test_variant_applies_to_mps_only(tmp_path):
     path = write_tiny_hps_checkpoint(tmp_path / "hps.pt")
-    with pytest.raises(ValueError, match="variant 'seed' applies to MPS only"):
-        load_reward_model(path, variant="seed")
+    with pytest.raises(ValueError, match="variant 'videox_fun' applies to MPS only"):
+        load_reward_model(path, variant="videox_fun")
     # A UI passing its MPS choice for every file: ignored for HPS, the model is the plain HPS one.
-    model = load_reward_model(path, variant="seed", mps_variant_only=True)
+    model = load_reward_model(path, variant="videox_fun", mps_variant_only=True)
     assert model.name == "hps_v2.1" and not hasattr(model, "variant")
 
 

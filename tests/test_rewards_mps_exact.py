@@ -2,7 +2,7 @@
 
 The reference side is imscore's ``XCLIPModel`` + ``CrossModel`` built offline from the
 tiny config (no download), run with the official single-image recipe (threshold 0.3,
-``logit_scale.exp() * cos``) and with imscore's/seed's ``forward`` (threshold 0.01).
+``logit_scale.exp() * cos``) and with imscore's/the reference trainer's ``forward`` (threshold 0.01).
 Compared in fp32 on CPU: the condition mask first, then the scores.
 """
 
@@ -51,7 +51,7 @@ def models(tmp_path_factory):
     from safetensors.torch import load_file
 
     reference = _build_reference(load_file(str(path)))
-    return reference, load_reward_model(path), load_reward_model(path, variant="seed"), path
+    return reference, load_reward_model(path), load_reward_model(path, variant="videox_fun"), path
 
 
 def _frames(seed: int, count: int = 2, height: int = 480, width: int = 832) -> torch.Tensor:
@@ -151,8 +151,8 @@ def test_prompt_cache_is_bounded_lru(models):
     assert len(model._prompt_cache) == 3
 
 
-def test_seed_variant_equals_reference_forward_per_sample(models):
-    """imscore/seed ``forward`` (threshold 0.01) with one frame per call = our batched "seed" variant."""
+def test_videox_fun_variant_equals_reference_forward_per_sample(models):
+    """imscore/reference ``forward`` (threshold 0.01) with one frame per call = our batched "videox_fun" variant."""
     reference, _, ours, _ = models
     frames = _frames(2, 3, 256, 256)
     pixels = ours.preprocess_frames(frames, "squash").float()

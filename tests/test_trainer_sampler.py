@@ -1,5 +1,5 @@
-"""The sampler: schedule and windows as the seed's, straight-through gradient equal to the
-seed's full graph, no graph after the window, CFG correct for batch > 1; model loading."""
+"""The sampler: schedule and windows as the reference's, straight-through gradient equal to the
+reference's full graph, no graph after the window, CFG correct for batch > 1; model loading."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_straight_through_equals_seed_gradient_and_keeps_no_graph_after_window()
         ours = trained.w.grad.clone()
         modes = list(trained.grad_modes)
 
-        # the seed: every step with gradients on, predictions outside the window detached,
+        # the reference: every step with gradients on, predictions outside the window detached,
         # the latent chain never detached
         trained.w.grad = None
         x = noise.clone()

@@ -382,7 +382,7 @@ def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
     """Check a read LoRA against a model's state-dict keys and shapes.
 
     ``model_shapes``: parameter name (with or without ``diffusion_model.``) -> tensor
-    or shape. ``expert``: "high"/"low" when known, for the seed-specific advice.
+    or shape. ``expert``: "high"/"low" when known, for the advice on the official reward LoRAs.
     """
     original = {k[len(CANONICAL_PREFIX):] if k.startswith(CANONICAL_PREFIX) else k: k for k in model_shapes}
     shapes = {native: _shape(model_shapes[key]) for native, key in original.items()}
@@ -408,7 +408,7 @@ def match_lora(lora: LoadedLora, model_shapes: Mapping, *, slot: str = "lora",
             if any(m in native for m in WAN21_I2V_MARKERS):
                 report.wan21_i2v_keys += len(parts)
     _judge(lora, report)
-    _seed_advice(lora, report, expert)
+    _official_lora_advice(lora, report, expert)
     return report
 
 
@@ -455,7 +455,7 @@ def _judge(lora: LoadedLora, report: LoadReport) -> None:
         report.warnings.append(
             f"{name} looks like a Wan2.1 image-to-video LoRA: {report.wan21_i2v_keys} keys are for "
             "k_img/v_img/img_emb (the CLIP image branch), which Wan2.2 A14B does not have; they are "
-            "skipped. The seed's table links such a Wan2.1 file for the low-noise MPS LoRA: prefer "
+            "skipped. The reference's model card links such a Wan2.1 file for the low-noise MPS LoRA: prefer "
             "the low-noise HPS2.1 file.")
     if report.shape_mismatches:
         first = report.shape_mismatches[0]
@@ -532,13 +532,13 @@ def merged_weights(state_dict: Mapping[str, torch.Tensor], lora: LoadedLora, str
     return out
 
 
-# --------------------------------------------------------------------------- the seed's files
+# --------------------------------------------------------------------------- the official reward LoRAs
 OFFICIAL_NAME = re.compile(r"Wan2\.2-Fun-A14B-InP-(high|low)-noise-(HPS2\.1|MPS)\.safetensors$", re.I)
 OFFICIAL_RANK, OFFICIAL_ALPHA = 128, 64.0
 
 
 def official_reward_lora(file_name: str) -> tuple[str, str] | None:
-    """("high"|"low", "HPS2.1"|"MPS") for one of the seed's four files, else None."""
+    """("high"|"low", "HPS2.1"|"MPS") for one of the four official reward LoRA files, else None."""
     match = OFFICIAL_NAME.search(file_name)
     return None if match is None else (match.group(1).lower(), match.group(2).upper())
 
@@ -555,7 +555,7 @@ def _reward_of(lora: LoadedLora) -> str | None:
     return "MPS" if re.search(r"(?<![A-Za-z])MPS(?![A-Za-z])", lora.path.name) else None
 
 
-def _seed_advice(lora: LoadedLora, report: LoadReport, expert: str | None) -> None:
+def _official_lora_advice(lora: LoadedLora, report: LoadReport, expert: str | None) -> None:
     official = official_reward_lora(lora.path.name)
     if official:
         report.notes.append(f"official Wan2.2-Fun reward LoRA: {official[0]}-noise expert, reward "
@@ -573,7 +573,7 @@ def _seed_advice(lora: LoadedLora, report: LoadReport, expert: str | None) -> No
     reward = _reward_of(lora)
     if expert == "low" and reward and reward.startswith("MPS"):
         report.warnings.append(
-            "MPS reward LoRA on the low-noise expert: the seed reports that it converges slowly and may "
+            "MPS reward LoRA on the low-noise expert: the reference's model card reports that it converges slowly and may "
             "disappoint; the low-noise HPS2.1 LoRA is recommended there.")
 
 

@@ -383,7 +383,7 @@ def limit_memory() -> None:
 
 
 def _case(out: Path, name: str, path: Path, reader: str, tally: dict):
-    """One example: mutate the seed's bytes, write them, judge the reader's answer."""
+    """One example: mutate the starting file's bytes, write them, judge the reader's answer."""
     seed_bytes = path.read_bytes()
     target = out / "cases" / f"{name}{path.suffix}"
 

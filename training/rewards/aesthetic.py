@@ -4,8 +4,8 @@ L2-normalised CLIP ViT-L/14 image embedding into a 5-layer linear MLP; a score o
 Its released file (``sac+logos+ava1-l14-linearMSE.pth``) holds only the MLP
 (``layers.{0,2,4,6,7}``: 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts between, no activation).
 The image encoder is OpenAI's CLIP ViT-L/14 (quick GELU), here in the transformers layout
-(``openai/clip-vit-large-patch14``). ``training.rewards.convert_aesthetic`` joins the two into
-one file (``vision_model.*``, ``visual_projection.weight``, ``mlp.layers.*``), the one this
+(``openai/clip-vit-large-patch14``). ``join_aesthetic`` (command: ``python -m tools.convert_aesthetic``) joins the two
+into one file (``vision_model.*``, ``visual_projection.weight``, ``mlp.layers.*``), the one this
 loader reads. The prompt is not used. Preprocessing "reference" is OpenAI CLIP's: short side to
 224 (bicubic), torchvision's centre crop; "squash" is VideoX-Fun's 224x224 stretch.
 """
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RewardModel
+from ..safe_io import UserFileError
+from .loading import build_uninitialised, describe_keys, load_strict, strip_prefixes
 from .hf_clip import (
     OPENAI_VIT_L_14_VISION_CONFIG,
     build_hf_clip_vision,
@@ -43,7 +45,6 @@ def is_mlp_only(state_dict) -> bool:
 class AestheticMLP(nn.Module):
     """The predictor's ``nn.Sequential`` with the released file's indices (dropouts as identities:
     scoring runs in eval mode, where dropout is the identity)."""
-
     def __init__(self, sizes: dict[int, tuple[int, int]]):
         super().__init__()
         last = max(sizes)
@@ -98,8 +99,6 @@ class AestheticRewardModel(RewardModel):
 def build_aesthetic(state_dict, preprocess: str = "reference") -> AestheticRewardModel:
     """Build the model for a joined file (``vision_model.*``, ``visual_projection.weight``,
     ``mlp.layers.*``) and load both parts strictly."""
-    from .registry import build_uninitialised, load_strict
-
     state_dict = drop_position_ids(state_dict)
     mlp_part = {k[len(MLP_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MLP_PREFIX)}
     vision_part = {k: v for k, v in state_dict.items() if not k.startswith(MLP_PREFIX)}
@@ -113,3 +112,26 @@ def build_aesthetic(state_dict, preprocess: str = "reference") -> AestheticRewar
         raise ValueError(f"the encoder gives {config['projection_dim']}-d embeddings but the MLP takes "
                          f"{mlp.layers[0].in_features}")
     return AestheticRewardModel(vision, mlp, config, preprocess)
+
+
+def join_aesthetic(mlp: dict[str, torch.Tensor], clip: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The joined state dict (``vision_model.*``, ``visual_projection.weight``, ``mlp.layers.*``);
+    UserFileError naming what does not fit."""
+    mlp, clip = strip_prefixes(mlp), strip_prefixes(clip)
+    if not is_mlp_only(mlp):
+        raise UserFileError(f"the predictor file is not the aesthetic MLP (layers.N.weight/bias): found "
+                            f"{describe_keys(mlp)}")
+    vision = {k: v for k, v in clip.items() if k.startswith("vision_model.") or k == "visual_projection.weight"}
+    if "visual_projection.weight" not in vision or "vision_model.embeddings.patch_embedding.weight" not in vision:
+        raise UserFileError("the CLIP file has no transformers vision tower with its projection (vision_model.*, "
+                            f"visual_projection.weight): found {describe_keys(clip)}")
+    try:
+        sizes = mlp_sizes(mlp)
+    except ValueError as exc:
+        raise UserFileError(f"the predictor's layers do not chain: {exc}") from None
+    width, first = int(vision["visual_projection.weight"].shape[0]), sizes[min(sizes)][1]
+    if width != first:
+        raise UserFileError(f"the CLIP file gives {width}-d image embeddings but the MLP takes {first}: the "
+                            "predictor v2 needs CLIP ViT-L/14 (768-d)")
+    return {**{k: v for k, v in vision.items() if not k.endswith("position_ids")},
+            **{MLP_PREFIX + k: v for k, v in mlp.items()}}

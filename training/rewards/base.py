@@ -18,7 +18,7 @@ class RewardModel(torch.nn.Module):
     Prompt features are computed once per distinct prompt and cached (LRU, ``prompt_cache_size``
     entries, keyed by the prompt and ``_prompt_cache_key()``: every setting that changes them).
     ``preprocess`` is "reference" (the model's own published pipeline) or "squash"
-    (the seed's training transform: stretch to 224x224; equal for square frames).
+    (the reference trainer's transform: stretch to 224x224; equal for square frames).
     """
 
     name: str = "reward"

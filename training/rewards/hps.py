@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .base import RewardModel
+from .loading import build_uninitialised, load_strict
 from .preprocess import normalize, resize_long_side_and_pad, rgb, squash
 from .shapes import count_blocks, text_heads, vision_head_width
 from .tokenizers import hps_tokenize
@@ -102,8 +103,6 @@ def _fill_causal_mask(clip) -> list[str]:
 
 def build_hps(state_dict, preprocess: str = "reference") -> HPSRewardModel:
     """Build the model for ``state_dict`` (open_clip keys) and load it strictly."""
-    from .registry import build_uninitialised, load_strict
-
     config = infer_hps_config(state_dict)
     clip = build_uninitialised(lambda: build_open_clip_model(config), _fill_causal_mask)
     load_strict(clip, state_dict, "HPS (open_clip CLIP)")

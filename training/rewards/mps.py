@@ -3,8 +3,8 @@
 Variants (see docs/reward-models.md):
 - "official" (default): the official single-image scorer, mask threshold 0.3,
   score = logit_scale.exp() * cos (about 100 * cos).
-- "seed": the seed's (VideoX-Fun) training reward, threshold 0.01, plain cosine,
-  with the mask normalised per sample (the seed's batch-global max made scores depend
+- "videox_fun": the reference trainer's (VideoX-Fun) reward, threshold 0.01, plain cosine,
+  with the mask normalised per sample (the reference's batch-global max made scores depend
   on the other frames in the batch; we never do that).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import RewardModel
+from .loading import build_uninitialised, load_strict
 from .cross_model import CrossModel
 from .hf_clip import (
     LAION_VIT_H_14_CLIP_CONFIG,  # noqa: F401 (re-exported)
@@ -27,7 +28,7 @@ from .tokenizers import mps_tokenize
 CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, "
              "structure, instance, texture, quantity, attributes, position, number, location, word, things.")
 MPS_VARIANTS = {"official": {"threshold": 0.3, "logit_scale": True},
-                "seed": {"threshold": 0.01, "logit_scale": False}}
+                "videox_fun": {"threshold": 0.01, "logit_scale": False}}
 MPS_MARKER_KEYS = ("model.vision_model.embeddings.patch_embedding.weight", "cross_model.layers.0.0.fn.to_q.weight")
 
 CROSS_MODEL_CONFIG = {"dim": 1024, "layers": 4, "dim_head": 64, "heads": 16, "ff_mult": 4}
@@ -46,7 +47,6 @@ def infer_mps_config(state_dict) -> tuple[dict, dict]:
 
 class MPSNetwork(torch.nn.Module):
     """Holds ``model`` (HF CLIPModel) and ``cross_model``: the key layout of the converted files."""
-
     def __init__(self, clip_config: dict, cross_config: dict):
         super().__init__()
         self.model = build_hf_clip(clip_config)
@@ -116,8 +116,6 @@ class MPSRewardModel(RewardModel):
 
 def build_mps(state_dict, variant: str | None = None, preprocess: str = "reference") -> MPSRewardModel:
     """Build the model for ``state_dict`` (keys ``model.*`` and ``cross_model.*``) and load it strictly."""
-    from .registry import build_uninitialised, load_strict
-
     clip_config, cross_config = infer_mps_config(state_dict)
     network = build_uninitialised(lambda: MPSNetwork(clip_config, cross_config), fill_position_ids)
     load_strict(network, state_dict, "MPS (HF CLIPModel + cross model)")

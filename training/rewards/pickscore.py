@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import RewardModel
+from .loading import build_uninitialised, load_strict
 from .hf_clip import (
     build_hf_clip,
     drop_position_ids,
@@ -62,8 +63,6 @@ class PickScoreRewardModel(RewardModel):
 
 def build_pickscore(state_dict, preprocess: str = "reference") -> PickScoreRewardModel:
     """Build the model for ``state_dict`` (transformers CLIPModel keys) and load it strictly."""
-    from .registry import build_uninitialised, load_strict
-
     state_dict = drop_position_ids(state_dict)
     config = infer_clip_config(state_dict)
     clip = build_uninitialised(lambda: build_hf_clip(config), fill_position_ids)

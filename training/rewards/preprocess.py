@@ -124,7 +124,7 @@ def resize_short_side_and_crop(frames: torch.Tensor, size: int = 224, crop_top: 
 
 
 def squash(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """The seed's training transform: ``Resize((size, size), bicubic)``, aspect ratio not kept."""
+    """The reference trainer's transform: ``Resize((size, size), bicubic)``, aspect ratio not kept."""
     return _bicubic(frames, (size, size))
 
 

@@ -1,10 +1,16 @@
-"""``load_reward_model``: read a checkpoint safely, tell its kind (HPS, MPS, PickScore, aesthetic) by its keys, load strictly."""
+"""``load_reward_model``: read a checkpoint safely, tell its kind (HPS, MPS, PickScore, aesthetic) by its keys, load strictly.
+
+The kinds are a table (``KINDS``): each names the keys that mark it in a state dict and the
+builder that loads it, tried in order, the way diffusers picks a LoRA converter by key prefix.
+Adding a reward model is one row here and its module."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +18,13 @@ import torch
 from .. import safe_io
 from ..safe_io import UserFileError
 from ..torch_file_check import torch_file_problem
+from .aesthetic import AESTHETIC_MARKER_KEYS, build_aesthetic, is_mlp_only
 from .base import RewardModel
+from .hps import HPS_MARKER_KEYS, build_hps
+from .loading import describe_keys, has_keys, strip_prefixes
+from .mps import MPS_MARKER_KEYS, build_mps
+from .pickled_module import read_pickled_module
+from .pickscore import PICKSCORE_MARKER_KEYS, build_pickscore
 
 EXPECTED_FILES = (
     "Put one of these files in ComfyUI/models/reward_models/ (or give its full path):\n"
@@ -27,10 +39,8 @@ EXPECTED_FILES = (
     "  LAION aesthetic predictor v2: sac+logos+ava1-l14-linearMSE.pth (github.com/christophschuhmann/"
     "improved-aesthetic-predictor, Apache-2.0) joined with the CLIP ViT-L/14 encoder (model.safetensors of "
     "https://huggingface.co/openai/clip-vit-large-patch14, MIT) by "
-    "`python -m training.rewards.convert_aesthetic MLP.pth CLIP.safetensors laion_aesthetic_v2.safetensors`"
+    "`python -m tools.convert_aesthetic MLP.pth CLIP.safetensors laion_aesthetic_v2.safetensors` (from the pack folder)"
 )
-REWARD_KINDS = ("hps", "mps", "pickscore", "aesthetic")
-_PREFIXES = ("module.", "model.", "mps.")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # Every file suffix the loader reads (compared in lower case); the node's dropdown lists only these.
 REWARD_EXTENSIONS = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".bin", ".ckpt")
@@ -58,8 +68,6 @@ def _read_torch_pickle(path: Path, kind: str, mmap: bool = False):
     except Exception as exc:  # EOFError, RuntimeError (zip reader), ...
         raise _corrupt(path, "PyTorch checkpoint", exc) from exc
     # A whole pickled module (the official MPS file): rebuild only its tensors, run none of its code.
-    from .convert_mps import read_pickled_module
-
     try:
         return read_pickled_module(path)[0]
     except UserFileError:
@@ -81,58 +89,47 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                                    read_pickle=_read_torch_pickle)
 
 
-def _strip_prefixes(state_dict: dict) -> dict:
-    """Drop wrapper prefixes (``module.``, ``model.``, ``mps.``) shared by every key."""
-    while state_dict:
-        for prefix in _PREFIXES:
-            if all(k.startswith(prefix) for k in state_dict) and not _is_mps(state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-                break
-        else:
-            return state_dict
-    return state_dict
+def _clean_mps(state_dict) -> dict:
+    """Drop buffers older transformers saved (``position_ids``) and cached rotary tables."""
+    return {k: v for k, v in state_dict.items()
+            if not k.endswith("embeddings.position_ids") and not k.endswith(".pos_emb")}
 
 
-def _has(state_dict, keys) -> bool:
-    return all(k in state_dict for k in keys)
+@dataclass(frozen=True)
+class RewardKind:
+    """One kind of reward checkpoint: the keys that mark it, and its builder
+    ``build(state_dict, variant, preprocess) -> RewardModel``."""
+
+    name: str
+    marker_keys: tuple[str, ...]
+    build: Callable[[dict, str | None, str], RewardModel]
 
 
-def _is_hps(state_dict) -> bool:
-    from .hps import HPS_MARKER_KEYS
-
-    return _has(state_dict, HPS_MARKER_KEYS)
-
-
-def _is_mps(state_dict) -> bool:
-    from .mps import MPS_MARKER_KEYS
-
-    return _has(state_dict, MPS_MARKER_KEYS)
-
-
-def describe_keys(state_dict, limit: int = 6) -> str:
-    tops = sorted({k.split(".")[0] for k in state_dict})
-    return (f"{len(state_dict)} tensors; top-level names {tops[:limit]}{' ...' if len(tops) > limit else ''}; "
-            f"e.g. {sorted(state_dict)[:3]}")
+# In the order they are tried: the aesthetic predictor's vision tower and projection are PickScore
+# keys too, so its MLP keys are tested first.
+KINDS = (
+    RewardKind("hps", HPS_MARKER_KEYS, lambda sd, variant, preprocess: build_hps(sd, preprocess)),
+    RewardKind("mps", MPS_MARKER_KEYS, lambda sd, variant, preprocess: build_mps(_clean_mps(sd), variant, preprocess)),
+    RewardKind("aesthetic", AESTHETIC_MARKER_KEYS, lambda sd, variant, preprocess: build_aesthetic(sd, preprocess)),
+    RewardKind("pickscore", PICKSCORE_MARKER_KEYS, lambda sd, variant, preprocess: build_pickscore(sd, preprocess)),
+)
+REWARD_KINDS = tuple(kind.name for kind in KINDS)
 
 
 def detect_kind(state_dict) -> str:
-    """'hps', 'mps', 'pickscore' or 'aesthetic' from the keys; UserFileError naming what was found otherwise."""
-    from .aesthetic import AESTHETIC_MARKER_KEYS, is_mlp_only
-    from .pickscore import PICKSCORE_MARKER_KEYS
+    """The kind's name (``REWARD_KINDS``) from the keys; UserFileError naming what was found otherwise."""
+    return _kind_of(state_dict).name
 
-    if _is_hps(state_dict):
-        return "hps"
-    if _is_mps(state_dict):
-        return "mps"
-    if _has(state_dict, AESTHETIC_MARKER_KEYS):
-        return "aesthetic"
-    if _has(state_dict, PICKSCORE_MARKER_KEYS):
-        return "pickscore"
+
+def _kind_of(state_dict) -> RewardKind:
+    for kind in KINDS:
+        if has_keys(state_dict, kind.marker_keys):
+            return kind
     if is_mlp_only(state_dict):
         raise UserFileError(
             "this is the LAION aesthetic predictor's MLP alone (" + describe_keys(state_dict) + "); it scores CLIP "
             "ViT-L/14 image embeddings, so it needs that encoder too. Join the two files once: "
-            "`python -m training.rewards.convert_aesthetic sac+logos+ava1-l14-linearMSE.pth "
+            "`python -m tools.convert_aesthetic sac+logos+ava1-l14-linearMSE.pth "
             "clip-vit-large-patch14.safetensors laion_aesthetic_v2.safetensors` (the CLIP file: model.safetensors of "
             "openai/clip-vit-large-patch14) and choose the joined file.")
     hint = ""
@@ -156,48 +153,9 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     index = safe_io.tensor_index(path, "reward model checkpoint", hint=EXPECTED_FILES,
                                  read_pickle=lambda p, kind: _read_torch_pickle(p, kind, mmap=True))
     try:
-        return detect_kind(_strip_prefixes(index.tensors))
+        return detect_kind(strip_prefixes(index.tensors))
     except UserFileError as exc:
         raise UserFileError(f"reward model checkpoint {Path(path)}: {exc}") from None
-
-
-def load_strict(module: torch.nn.Module, state_dict, what: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the missing/unexpected keys."""
-    result = module.load_state_dict(state_dict, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
-        raise UserFileError(
-            f"the checkpoint does not match the {what} architecture inferred from its shapes: "
-            + "; ".join(parts) + ". The file is truncated, modified or of another model; nothing is loaded "
-            "partially (weights would silently stay random)."
-        )
-
-
-def build_uninitialised(factory, fill_buffers) -> torch.nn.Module:
-    """Build ``factory()`` without its random initialisation (1B parameters take ~20 s to
-    initialise on a small CPU, only to be overwritten): construct on the meta device, allocate,
-    then ``fill_buffers(module)`` recomputes the non-persistent buffers (they are not in a
-    checkpoint). Every other tensor must then come from a strict ``load_state_dict``."""
-    with torch.device("meta"):
-        module = factory()
-    persistent = set(module.state_dict())
-    module = module.to_empty(device="cpu")
-    filled = fill_buffers(module)
-    missing = {n for n, _ in module.named_buffers() if n not in persistent} - set(filled)
-    if missing:  # a library version added a buffer we cannot recompute: initialise normally
-        return factory()
-    return module
-
-
-def _clean_mps(state_dict) -> dict:
-    """Drop buffers older transformers saved (``position_ids``) and cached rotary tables."""
-    return {k: v for k, v in state_dict.items()
-            if not k.endswith("embeddings.position_ids") and not k.endswith(".pos_emb")}
 
 
 def _shape_error(path, kind, exc) -> UserFileError:
@@ -209,38 +167,23 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, variant: str | No
     """Load HPS v2.1, MPS, PickScore or the aesthetic predictor from ``path`` (detected from the
     keys), frozen, in eval mode.
 
-    ``variant`` applies to MPS only: "official" (default) or "seed"; for another file a
+    ``variant`` applies to MPS only: "official" (default) or "videox_fun"; for another file a
     non-official variant is an error unless ``mps_variant_only`` (a UI that always passes
     its MPS variant choice): then it is ignored. ``preprocess``: "reference" or "squash"
     (also selectable per ``score`` call).
     """
-    state_dict = _strip_prefixes(read_state_dict(path))
+    state_dict = strip_prefixes(read_state_dict(path))
     try:
-        kind = detect_kind(state_dict)
+        kind = _kind_of(state_dict)
     except UserFileError as exc:
         raise UserFileError(f"{Path(path).name}: {exc}") from None
-    if variant not in (None, "official") and kind != "mps" and not mps_variant_only:
-        raise ValueError(f"variant {variant!r} applies to MPS only; {Path(path).name} is {kind}")
+    if variant not in (None, "official") and kind.name != "mps" and not mps_variant_only:
+        raise ValueError(f"variant {variant!r} applies to MPS only; {Path(path).name} is {kind.name}")
     try:
-        if kind == "hps":
-            from .hps import build_hps
-
-            model = build_hps(state_dict, preprocess)
-        elif kind == "mps":
-            from .mps import build_mps
-
-            model = build_mps(_clean_mps(state_dict), variant, preprocess)
-        elif kind == "pickscore":
-            from .pickscore import build_pickscore
-
-            model = build_pickscore(state_dict, preprocess)
-        else:
-            from .aesthetic import build_aesthetic
-
-            model = build_aesthetic(state_dict, preprocess)
+        model = kind.build(state_dict, variant, preprocess)
     except UserFileError as exc:
         raise UserFileError(f"{Path(path).name}: {exc}") from None
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise _shape_error(path, kind, exc) from exc
+        raise _shape_error(path, kind.name, exc) from exc
     model.source_path = str(path)
     return model.to(device=device, dtype=dtype)

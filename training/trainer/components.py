@@ -94,8 +94,7 @@ def load_rewards(specs, device, dtype, field_name: str):
     models = []
     for i, spec in enumerate(specs):
         try:
-            variant = {"videox_fun": "seed"}.get(spec.variant, spec.variant)  # the rewards package's name
-            model = load_reward_model(spec.path, device=device, dtype=dtype, variant=variant,
+            model = load_reward_model(spec.path, device=device, dtype=dtype, variant=spec.variant,
                                       preprocess=spec.preprocess or "reference")
         except UserFileError as exc:
             raise ConfigError(f"{field_name}[{i}].path", str(exc)) from exc

@@ -2,7 +2,7 @@
 
 One trajectory from pure noise (t = 1000) to the clean latent:
 - the timesteps/sigmas come from diffusers' FlowMatchEulerDiscreteScheduler (shift, the
-  same double-shifted endpoints as the seed's trainer: 14 of 40 steps are high-noise at
+  same double-shifted endpoints as the reference trainer: 14 of 40 steps are high-noise at
   shift 5 / boundary 0.9);
 - each step uses the high-noise expert while t >= boundary * 1000, the low-noise one after;
 - classifier-free guidance runs the negative and positive prompts as one batch of 2B and
@@ -10,7 +10,7 @@ One trajectory from pure noise (t = 1000) to the clean latent:
 - only the steps inside the backprop window run with gradients. Steps before it and after
   it run under ``torch.no_grad``; the final latent is returned as
   ``x_window_out + (x_final - x_window_out).detach()`` (straight-through), so the reward's
-  gradient reaches the window's output as an identity, exactly as in the seed's trainer
+  gradient reaches the window's output as an identity, exactly as in the reference trainer
   where later predictions are detached, but without keeping any graph after the window.
 
 The Euler update ``x + (sigma_next - sigma) * v`` is written here because the scheduler's
@@ -65,7 +65,7 @@ def backprop_window(schedule: Schedule, expert: str, strategy: str, num_steps: i
                     random_last: int, rng: random.Random) -> tuple[int, int]:
     """[start, end) of the steps run with gradients, inside ``expert``'s range.
 
-    tail: the last ``num_steps`` steps of the range (DRaFT-K; the seed: 1 step, i.e.
+    tail: the last ``num_steps`` steps of the range (DRaFT-K; the reference: 1 step, i.e.
     step 39/40 for the low-noise expert and 13/40 for the high-noise expert).
     random: one step drawn among the last ``random_last`` steps of the range (AlignProp).
     """

@@ -5,23 +5,19 @@ on the import path and transformers 4.27). Here a restricted unpickler rebuilds 
 tensors and storages; every other class the pickle names becomes an inert stub that
 merely records its state, so nothing from the file is imported or called. The module
 tree is then walked through the recorded ``_parameters`` / ``_buffers`` / ``_modules``
-to a state dict (persistent buffers only).
-
-    python -m training.rewards.convert_mps MPS_overall_checkpoint.pth MPS_overall.safetensors
+to a state dict (persistent buffers only). ``python -m tools.convert_mps`` writes it as safetensors.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
-import argparse
 import pickle
-import sys
 import types
 from pathlib import Path
 
 import torch
 
-from ..safe_io import UserFileError, save_safetensors
+from ..safe_io import UserFileError
 from ..torch_file_check import torch_file_problem
 
 # The only real callables a pickle may reach: tensor/storage rebuilders and plain containers.
@@ -69,7 +65,7 @@ class Stub:
 
 
 def _stub_class(module: str, name: str) -> type:
-    return type(name, (Stub,), {"qualname": f"{module}.{name}", "__module__": "training.rewards.convert_mps.stubs"})
+    return type(name, (Stub,), {"qualname": f"{module}.{name}", "__module__": "training.rewards.pickled_module.stubs"})
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -139,24 +135,3 @@ def read_pickled_module(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     facts["dtypes"] = sorted({str(v.dtype) for v in state_dict.values()})
     return state_dict, facts
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="MPS_overall_checkpoint.pth (the official whole-module pickle)")
-    parser.add_argument("target", help="output .safetensors (state dict: model.*, cross_model.*)")
-    args = parser.parse_args(argv)
-    if not args.target.endswith(".safetensors"):
-        parser.error("target must end in .safetensors")
-    state_dict, facts = read_pickled_module(args.source)
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
-    from .registry import detect_kind
-
-    kind = detect_kind(state_dict)
-    save_safetensors(state_dict, args.target, metadata={"converted_from": Path(args.source).name, **{
-        k: str(v) for k, v in facts.items()}})
-    print(f"wrote {args.target}: {kind}, {len(state_dict)} tensors, {facts}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
