@@ -8,8 +8,6 @@ re-runs only this node (the file stays in the module-level cache below).
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 
 import comfy.lora
 import folder_paths
@@ -19,36 +17,17 @@ from ..training.lora_blocks import (PRESETS, block_count, check_block_strengths_
                                     parse_block_strengths)
 from ..training.lora_format import (CANONICAL_PREFIX, STRENGTH_LIMIT, LoadedLora, LoadReport, LoraInputError,
                                     check_strength, match_lora, read_lora)
+from ..training.file_cache import FileCache, file_identity
 from ..training.lora_pairing import partner_name
 from ..training.safe_io import UserFileError
 
 NONE = "None"
-_CACHE_SIZE = 4
-_CACHE: OrderedDict[tuple[str, int, int, int, int], LoadedLora] = OrderedDict()
-
-
-def _file_key(path: str) -> tuple[str, int, int, int, int]:
-    stat = os.stat(path)
-    return (path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+_CACHE: FileCache[LoadedLora] = FileCache(size=4)
 
 
 def read_cached(path: str) -> LoadedLora:
-    """``read_lora`` with a small cache keyed by path, size, mtime, ctime and inode.
-
-    ctime changes on every write (and cannot be set back like mtime), the inode on an
-    atomic replace, so a replaced file is re-read even with the same size and mtime.
-    """
-    key = _file_key(path)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    for old in [k for k in _CACHE if k[0] == path]:
-        del _CACHE[old]
-    lora = read_lora(path)
-    _CACHE[key] = lora
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return lora
+    """``read_lora``, kept while the file is unchanged (training/file_cache.py says when it is stale)."""
+    return _CACHE.get(path, lambda: read_lora(path))
 
 
 def matched_lora(model, lora_name: str, strength, expert: str, other_name: str, files: list[str],
@@ -190,7 +169,7 @@ class WanRewardDualLoraLoader(io.ComfyNode):
         for name in (lora_high, lora_low):
             path = folder_paths.get_full_path("loras", name) if name and name != NONE else None
             try:
-                keys.append(_file_key(path) if path else None)
+                keys.append(file_identity(path) if path else None)
             except OSError:
                 keys.append(None)
         return tuple(keys)

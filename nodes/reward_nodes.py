@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import OrderedDict
 
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..training.file_cache import FileCache
 from ..training.rewards import load_reward_model
 from ..training.rewards.preprocess import PREPROCESS_MODES, comfy_image_to_frames
 from ..training.rewards.registry import EXPECTED_FILES
@@ -26,8 +26,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfl
 MPS_VARIANTS = ("official", "videox_fun")
 # V3 nodes have no instance state. Cached models are loaded on the CPU; one that scores on a GPU
 # is then under ComfyUI's memory management (nodes/reward_memory.py).
-_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
-_CACHE_SIZE = 2
+_CACHE: FileCache = FileCache(size=2)
 MAX_CANDIDATES = 8
 MAX_PLOT_PANELS = 16
 KIND_NAMES = {"hps_v2.1": "HPS v2.1", "mps": "MPS", "pickscore": "PickScore", "aesthetic": "LAION aesthetic v2"}
@@ -59,18 +58,14 @@ def _resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 def load_cached(path: str, device: torch.device, dtype: torch.dtype, variant: str):
     """The model for ``path``, loaded on the CPU; ``model.target_device`` is where it scores
     (``reward_memory.on_scoring_device``)."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(device), str(dtype), variant)
-    if key not in _CACHE:
+    def read():
         model = load_reward_model(path, device="cpu", dtype=dtype, variant=variant, mps_variant_only=True)
         if model.name != "mps":
             model.variant = None
         model.target_device = device
-        _CACHE[key] = model
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    _CACHE.move_to_end(key)
-    return _CACHE[key]
+        return model
+
+    return _CACHE.get(path, read, options=(str(device), str(dtype), variant))
 
 
 def _frame_inputs() -> list:

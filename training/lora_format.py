@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .lora_keys import (ALPHA, CANONICAL_PREFIX, DOWN, UP, canonical_key, choose_namespace,
                         describe_source, native_module, parse_key, resolve_module)
 from .lora_pairing import expert_of
-from .safe_io import UserFileError, load_torch_weights_only, save_safetensors
+from .safe_io import UserFileError, load_torch_weights_only, read_weights, save_safetensors
 from .wan_names import WAN21_I2V_MARKERS
 
 STRENGTH_LIMIT = 10.0
@@ -156,32 +155,19 @@ def _check_tensors(lora: LoadedLora) -> None:
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise LoraInputError(f"LoRA file not found: {path}")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return _read_pickle(path), {}
+    """Tensors and metadata through safe_io's one reader (the format from the first bytes; a
+    pickle weights-only), its refusals as LoraInputError."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        with open(path, "rb") as handle:
-            head = handle.read(2)
-        if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip or pickle under another name
-            raise LoraInputError(
-                f"LoRA file {path.name} is a PyTorch (pickle) file, not safetensors: rename it to "
-                f"{path.stem}.pt (it is then loaded with weights_only=True) or convert it to safetensors"
-            ) from exc
-        size = path.stat().st_size
-        raise LoraInputError(
-            f"LoRA file {path.name} is not a valid safetensors file ({size} bytes; "
-            f"{str(exc).splitlines()[0][:160]}). It may be truncated or not a LoRA: "
-            "download it again and compare its size with the source."
-        ) from exc
-    return tensors, metadata
+        tensors, metadata = read_weights(path, "LoRA file", read_pickle=_read_pickle)
+        return dict(sorted(tensors.items())), metadata  # key order, not file order: the same report for any writer
+    except LoraInputError:
+        raise
+    except UserFileError as exc:
+        raise LoraInputError(str(exc)) from None
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """A LoRA pickle's tensors by name; other entries (a trainer's step count, ...) are dropped."""
     obj = load_torch_weights_only(path, what="LoRA file")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -162,12 +162,19 @@ def torch_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def damaged_file_error(what: str, path: str | os.PathLike, file_kind: str, detail: str, hint: str = "") -> UserFileError:
+    """The one message for a weights file that is truncated or corrupt, whoever reads it."""
+    tail = f"\n{hint}" if hint else ""
+    return UserFileError(f"{what} {path} is a corrupt or truncated {file_kind} ({detail}); download it again and "
+                         f"compare its size with the source{tail}")
+
+
 def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint", *, mmap: bool = False):
     """Load a ``.pt/.pth/.ckpt/.bin`` file without executing pickled code (``mmap``: map the
     tensors of a zip checkpoint instead of reading them, for a look at keys and shapes).
 
-    Raises UserFileError naming the file: "not a readable checkpoint: <reason>" for a
-    truncated, corrupt or non-pickle file; for a pickle that needs code to load (a class
+    Raises UserFileError naming the file: "is a corrupt or truncated PyTorch checkpoint (<reason>)"
+    for a truncated or corrupt file; for a pickle that needs code to load (a class
     or function it refers to), the name of that code and how to convert the file, only if
     its source is trusted.
     """
@@ -178,8 +185,7 @@ def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint", *
 
     problem = torch_file_problem(path)  # e.g. claims of data the file does not hold: before allocating
     if problem:
-        raise UserFileError(f"{what} {path.name} is not a readable checkpoint: {problem}. It may be truncated, "
-                            "corrupt or not a PyTorch file: download it again and compare its size with the source.")
+        raise damaged_file_error(what, path, "PyTorch checkpoint", problem)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
@@ -195,10 +201,7 @@ def load_torch_weights_only(path: str | os.PathLike, what: str = "checkpoint", *
                 "and choose the .safetensors file."
             ) from exc
         reason = found[0] if found else f"{type(exc).__name__}: {torch_reason}"
-        raise UserFileError(
-            f"{what} {path.name} is not a readable checkpoint: {reason}. It may be truncated, corrupt or "
-            "not a PyTorch file: download it again and compare its size with the source."
-        ) from exc
+        raise damaged_file_error(what, path, "PyTorch checkpoint", reason) from exc
 
 
 # Pickle opcodes that import or build arbitrary objects; a tensor checkpoint refers only
@@ -274,6 +277,7 @@ def check_weights_file(path: str | os.PathLike, what: str, hint: str = "") -> st
     return kind
 
 
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # bytes per element of the safetensors dtypes
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
                            "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
@@ -312,12 +316,10 @@ def read_safetensors_header(path: str | os.PathLike, what: str, hint: str = "") 
     (tensors ending past the end of the file) or a header that does not parse is refused here,
     naming the file, before anything is allocated."""
     path = Path(path)
-    tail = f"\n{hint}" if hint else ""
     size = path.stat().st_size
 
     def corrupt(why: str) -> UserFileError:
-        return UserFileError(f"{what} {path} is a corrupt or truncated safetensors file ({why}); "
-                             f"download it again and compare its size with the source{tail}")
+        return damaged_file_error(what, path, "safetensors file", why, hint)
 
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
@@ -393,23 +395,41 @@ def _plain_state_dict(data, path: Path, what: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_state_dict(path: str | os.PathLike, what: str, *, hint: str = "",
-                    read_pickle: Callable[[Path, str], object] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file or a weights-only torch file (``{'state_dict': ...}``
-    unwrapped); the format is read from the first bytes, not the suffix. ``what`` names the
-    file in errors (e.g. "Wan expert"), ``hint`` is appended to them (where to get the file),
-    and ``read_pickle(path, kind)`` replaces the weights-only pickle reader. Raises
-    UserFileError naming the file and what is wrong."""
+def read_weights(path: str | os.PathLike, what: str, *, hint: str = "",
+                 read_pickle: Callable[[Path, str], object] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, string metadata) of a safetensors file or a weights-only torch file
+    (``{'state_dict': ...}`` unwrapped; no metadata); the format is read from the first bytes, not
+    the suffix. ``what`` names the file in errors (e.g. "Wan expert"), ``hint`` is appended to them
+    (where to get the file), and ``read_pickle(path, kind)`` replaces the weights-only pickle
+    reader. Raises UserFileError naming the file and what is wrong. Every weights file the pack
+    reads whole goes through here."""
     path = Path(path)
     kind = check_weights_file(path, what, hint)
     if kind == "safetensors":
         from safetensors.torch import load_file
 
-        read_safetensors_header(path, what, hint)  # truncation and size checks before allocating
+        index = read_safetensors_header(path, what, hint)  # truncation and size checks before allocating
         try:
-            return load_file(str(path))
+            return load_file(str(path)), index.metadata
         except Exception as exc:  # SafetensorError / OSError
-            raise UserFileError(f"{what} {path} is a corrupt or truncated safetensors file: "
-                                f"{str(exc)[:200]}; download it again") from exc
+            raise damaged_file_error(what, path, "safetensors file", str(exc)[:200], hint) from exc
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:  # torch.load reads such a name as safetensors
+        raise UserFileError(f"{what} {path} is a PyTorch (pickle) file, not safetensors: rename it to "
+                            f"{path.stem}.pt (it is then loaded with weights_only=True) or convert it to safetensors")
     data = read_pickle(path, kind) if read_pickle else load_torch_weights_only(path, what)
-    return _plain_state_dict(data, path, what)
+    return _plain_state_dict(data, path, what), {}
+
+
+def read_state_dict(path: str | os.PathLike, what: str, *, hint: str = "",
+                    read_pickle: Callable[[Path, str], object] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``read_weights``."""
+    return read_weights(path, what, hint=hint, read_pickle=read_pickle)[0]
+
+
+def safetensors_metadata(path: str | os.PathLike, what: str) -> dict[str, str]:
+    """The string metadata of a safetensors file from its header alone (no tensor read);
+    UserFileError naming the file when it is not a readable safetensors file."""
+    if check_weights_file(path, what) != "safetensors":
+        raise UserFileError(f"{what} {path} is not a safetensors file")
+    return read_safetensors_header(path, what).metadata

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import safe_io
-from ..safe_io import UserFileError
+from ..safe_io import SAFETENSORS_SUFFIXES, UserFileError
 from ..torch_file_check import torch_file_problem
 from .aesthetic import AESTHETIC_MARKER_KEYS, build_aesthetic, is_mlp_only
 from .base import RewardModel
@@ -41,14 +41,13 @@ EXPECTED_FILES = (
     "https://huggingface.co/openai/clip-vit-large-patch14, MIT) by "
     "`python -m tools.convert_aesthetic MLP.pth CLIP.safetensors laion_aesthetic_v2.safetensors` (from the pack folder)"
 )
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # Every file suffix the loader reads (compared in lower case); the node's dropdown lists only these.
 REWARD_EXTENSIONS = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".bin", ".ckpt")
 
 
 def _corrupt(path: Path, what: str, exc: BaseException) -> UserFileError:
     detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return UserFileError(f"{path.name} is a corrupt or truncated {what} ({detail}); download it again")
+    return safe_io.damaged_file_error("reward model checkpoint", path, what, detail)
 
 
 def _read_torch_pickle(path: Path, kind: str, mmap: bool = False):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..safe_io import UserFileError, read_state_dict, save_safetensors
+from ..safe_io import UserFileError, read_state_dict, safetensors_metadata, save_safetensors
 
 TEXT_LEN = 512  # Wan pads every prompt embedding to 512 tokens
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -188,13 +188,7 @@ def write_prompt_embeddings(path: str | os.PathLike, embeddings: Mapping[str, to
 
 def prompts_in_embeddings(path: str | os.PathLike) -> list[str]:
     """Prompt list of an embeddings file (header only, no tensors read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
-    except Exception as exc:
-        raise UserFileError(f"prompt embeddings {path} is not a readable safetensors file: {exc}") from exc
+    meta = safetensors_metadata(path, "prompt embeddings")
     if "prompts" not in meta:
         raise UserFileError(f"prompt embeddings {path} has no 'prompts' metadata; write it with "
                             "training.trainer.models.write_prompt_embeddings")

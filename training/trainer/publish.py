@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..safe_io import atomic_write, write_json
+from ..safe_io import UserFileError, atomic_write, safetensors_metadata, write_json
 from .failures import LaunchError
 from .progress import TRAINER_TAG
 
@@ -18,12 +18,9 @@ PUBLISHED_FILE = "published.json"  # in the run folder: config hashes of the LoR
 
 def lora_metadata(path: str | os.PathLike) -> dict[str, str] | None:
     """The safetensors header metadata of ``path``, or None when it is not a readable safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (OSError, SafetensorError):  # not safetensors / truncated: certainly not one of ours
+        return safetensors_metadata(path, "LoRA file")
+    except (OSError, UserFileError):  # not safetensors / truncated: certainly not one of ours
         return None
 
 
