@@ -15,8 +15,9 @@ from comfy_api.latest import io, ui
 
 from ..training.lora_blocks import (PRESETS, block_count, check_block_strengths_text, group_by_factor,
                                     parse_block_strengths)
-from ..training.lora_format import (CANONICAL_PREFIX, STRENGTH_LIMIT, LoadedLora, LoadReport, LoraInputError,
-                                    check_strength, match_lora, read_lora)
+from ..training.lora_format import STRENGTH_LIMIT, LoadedLora, LoraInputError, check_strength, read_lora
+from ..training.lora_match import LoadReport, match_lora
+from ..training.lora_keys import CANONICAL_PREFIX
 from ..training.file_cache import FileCache, file_identity
 from ..training.lora_pairing import partner_name
 from ..training.safe_io import UserFileError

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers.lora_files import FORMAT_NAME, FORMATS, WITH_ALPHA
 from tests.helpers.tiny_wan import expected_weight, linear_module_names, random_lora, tiny_wan_state_dict
-from training.lora_format import (LoraInputError, check_strength, match_lora, merged_weights,
-                                  official_reward_lora, read_lora, save_canonical_lora)
+from training.lora_format import LoraInputError, check_strength, read_lora, save_canonical_lora
+from training.lora_match import match_lora, merged_weights, official_reward_lora
 from training.lora_keys import parse_key, resolve_module
 from training.lora_pairing import expert_of, partner_name
 from training.safe_io import UserFileError

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from tests.helpers.trainer_runs import train_events as _train
 from training.demo import PROMPTS, VALIDATION_PROMPTS, write_tiny_run
-from training.lora_format import match_lora, read_lora, save_canonical_lora
+from training.lora_format import read_lora, save_canonical_lora
+from training.lora_match import match_lora
 from training.trainer.config import load_config
 from training.trainer.outputs import average_loras
 from training.trainer.validation import GamingGuard
@@ -79,7 +80,7 @@ def test_gaming_guard_flags_training_reward_up_held_out_down():
 
 
 def test_average_of_checkpoint_loras_is_the_mean_of_the_deltas(tmp_path):
-    from training.lora_format import merged_weights
+    from training.lora_match import merged_weights
 
     gen = torch.Generator().manual_seed(0)
     base = {"blocks.0.self_attn.q.weight": torch.randn(8, 8, generator=gen)}

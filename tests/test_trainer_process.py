@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from training.demo import write_tiny_run
-from training.lora_format import match_lora, read_lora
+from training.lora_format import read_lora
+from training.lora_match import match_lora
 from training.trainer.progress import EXIT_OK, SAMPLE_NOW_FILE, SAVE_NOW_FILE, STOP_FILE, parse_events
 
 PACK = Path(__file__).resolve().parents[1]

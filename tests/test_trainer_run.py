@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from training.demo import write_tiny_run
-from training.lora_format import match_lora, merged_weights, read_lora, save_canonical_lora
+from training.lora_format import read_lora, save_canonical_lora
+from training.lora_match import match_lora, merged_weights
 from training.trainer.config import load_config
 from training.trainer.lora import add_lora, lora_parameters, lora_state, native_modules
 from training.trainer.recipe import train

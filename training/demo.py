@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # tiny models: one thread is fastest, and several threads on a busy machine stall (x50)
     torch.set_num_threads(1)
-    from .lora_format import match_lora, read_lora
+    from .lora_format import read_lora
+    from .lora_match import match_lora
     from .trainer.config import load_config
     from .trainer.recipe import train
     from .trainer.progress import Progress, parse_events

@@ -45,7 +45,8 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from training.lora_format import LoadedLora, LoraInputError, match_lora, read_lora, save_canonical_lora  # noqa: E402
+from training.lora_format import LoadedLora, LoraInputError, read_lora, save_canonical_lora  # noqa: E402
+from training.lora_match import match_lora  # noqa: E402
 from training.lora_keys import ALPHA, DOWN, UP  # noqa: E402
 from training.rewards.registry import checkpoint_kind, read_state_dict  # noqa: E402
 from training.safe_io import UserFileError  # noqa: E402

@@ -179,7 +179,8 @@ def check_rewards(cfg: TrainConfig) -> None:
 
 def check_lora_for(field_name: str, path: str, expert: ExpertShape, expert_name: str):
     """A LoRA of plain up/down pairs whose every module fits ``expert`` (names and shapes)."""
-    from ..lora_format import match_lora, read_lora
+    from ..lora_format import read_lora
+    from ..lora_match import match_lora
 
     try:
         lora = read_lora(path)

@@ -129,7 +129,8 @@ def load_wan_expert(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
     native = dequantize(strip_prefix(read_state_dict(path, "Wan expert")), dtype, f"Wan expert {path}", kept)
     kept = kept or {}
     if merge_lora is not None:
-        from ..lora_format import merged_weights, read_lora
+        from ..lora_format import read_lora
+        from ..lora_match import merged_weights
 
         merged = merged_weights(native, read_lora(merge_lora[0]), merge_lora[1])
         native.update({k: v.to(dtype) for k, v in merged.items()})
