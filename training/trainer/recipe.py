@@ -6,6 +6,10 @@ One optimizer step: for each micro-step, sample, decode and score (step.RewardSt
 faults across ranks, backward; then clip (DeepSpeed's gradient_clipping from max_grad_norm, or
 torch clipping without DeepSpeed) and step; log; validate when due; act on stop / save requests
 and periodic checkpoints.
+
+Why it stays one module of about 400 lines: as in a torchtune recipe, set-up, step and outputs
+share the run's state on one object and read top to bottom; the work itself is in step.py,
+validation.py, distributed.py, components.py, checkpoint.py and outputs.py.
 """
 
 from __future__ import annotations
