@@ -1,4 +1,9 @@
-"""Atomic file writes and pickle-free checkpoint loading.
+"""Every file the pack writes and every weights file it reads: atomic writes, and pickle-free
+reading with one set of refusals.
+
+Why one module of about 430 lines: it is the one way files are read and written (the reader of a
+safetensors header, the reader of a whole weights file, the weights-only pickle loader and the
+atomic writer), so the safety rules and the wording of every file fault live in one place.
 
 A crash or a kill while writing must leave the previous file intact: every write
 goes to a temporary file in the same folder, is flushed to disk, then renamed over
