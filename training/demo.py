@@ -113,11 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     validations = [e for e in events if e["event"] == "validation"]
     before, after = validations[0]["rewards"]["hps"], validations[-1]["rewards"]["hps"]
     lora = read_lora(cfg.lora_path)
-    from safetensors.torch import load_file
-
+    from .safe_io import read_state_dict
     from .trainer.models import strip_prefix
 
-    report = match_lora(lora, strip_prefix(load_file(cfg.low_noise_model)), expert="low")
+    report = match_lora(lora, strip_prefix(read_state_dict(cfg.low_noise_model, "Wan expert")), expert="low")
     print(report.render())
     print(f"training reward (random prompts and noise): mean of the first {k} steps {first:.4f}, "
           f"of the last {k} steps {last:.4f}")

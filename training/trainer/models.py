@@ -197,10 +197,8 @@ def prompts_in_embeddings(path: str | os.PathLike) -> list[str]:
 
 
 def read_prompt_embeddings(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     prompts = prompts_in_embeddings(path)
-    tensors = load_file(str(path))
+    tensors = read_state_dict(path, "prompt embeddings")
     return {p: tensors[f"emb.{i}"] for i, p in enumerate(prompts)}
 
 
