@@ -3,22 +3,20 @@ at its rank and alpha; a file that cannot start the run is refused, naming what 
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers.trainer_runs import train_config_events
 from tests.helpers.tiny_wan import random_lora
 from training.demo import write_tiny_run
 from training.lora_format import read_lora
 from training.safe_io import save_safetensors
 from training.tiny_models import linear_module_names
 from training.trainer.config import ConfigError, config_from_dict
-from training.trainer.recipe import train
 from training.trainer.models import strip_prefix
-from training.trainer.progress import Progress, parse_events
 
 RANK, ALPHA = 4, 2.0
 
@@ -49,15 +47,7 @@ def run(tmp_path_factory):
 
 def _train(config: dict, folder, name: str, **change) -> list[dict]:
     data = dict(config, output_dir=str(folder / name), **change)
-    cfg = config_from_dict(data)
-    out = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train(cfg, Progress(cfg.output_dir, stream=out)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return parse_events(out.getvalue())
+    return train_config_events(config_from_dict(data))
 
 
 def _modules(path) -> dict:

@@ -14,7 +14,11 @@ from training.trainer.recipe import train
 
 def train_events(path: Path) -> list[dict]:
     """Train the run of config ``path`` in this process (one torch thread); its progress events."""
-    cfg = load_config(path)
+    return train_config_events(load_config(path))
+
+
+def train_config_events(cfg) -> list[dict]:
+    """Train the run of ``cfg`` (a TrainConfig) in this process (one torch thread); its progress events."""
     out = io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
