@@ -49,7 +49,8 @@ def _reward_inputs(suffix: str, optional: bool, rewards: list[str]) -> list:
     extra = dict(optional=True, default=NONE) if optional else {}
     return [
         io.Combo.Input("reward_model" + suffix, options=([NONE] if optional else []) + rewards,
-                       tooltip="HPS v2.1 or MPS checkpoint (reward_models folder); the kind is read from its keys",
+                       tooltip="HPS v2.1, MPS, PickScore or aesthetic checkpoint (reward_models folder); the kind is "
+                               "read from its keys",
                        **extra),
         io.Float.Input("reward_weight" + suffix, default=1.0, min=0.0, max=100.0, step=0.05, optional=optional,
                        tooltip="loss = sum_i w_i (1 - reward_i) / sum_i w_i"),
@@ -181,14 +182,12 @@ class WanRewardLoraTrain(io.ComfyNode):
         except LaunchError as exc:
             raise TrainInputError(str(exc)) from None
         options = options or {}
-        rewards = [RewardChoice(model_file(REWARD_MODELS, reward_model, "reward_model"), float(reward_weight),
-                                reward_variant, reward_preprocess, "reward_model")]
+        rewards = [(reward_model, reward_weight, reward_variant, reward_preprocess, "reward_model")]
         if reward_model_2 and reward_model_2 != NONE:
-            rewards.append(RewardChoice(model_file(REWARD_MODELS, reward_model_2, "reward_model_2"),
-                                        float(reward_weight_2), reward_variant_2, reward_preprocess_2, "reward_model_2"))
-        held_out = tuple(RewardChoice(model_file(REWARD_MODELS, file, slot), 1.0,
-                                      options.get("held_out_variant", FROM_RECIPE), FROM_RECIPE, f"options: {slot}")
-                         for file, slot in options.get("held_out", []))
+            rewards.append((reward_model_2, reward_weight_2, reward_variant_2, reward_preprocess_2, "reward_model_2"))
+        rewards = tuple(_reward_choice(*reward) for reward in rewards)
+        held_out = tuple(_reward_choice(file, 1.0, options.get("held_out_variant", FROM_RECIPE), FROM_RECIPE, slot,
+                                        where=f"options: {slot}") for file, slot in options.get("held_out", []))
         run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / name
         owner = f"ComfyUI node {cls.hidden.unique_id}, output {name!r}"
         with contextlib.ExitStack() as held:  # the run folder is written only while its locks are held
@@ -207,7 +206,7 @@ class WanRewardLoraTrain(io.ComfyNode):
                 processes=devices.num_processes, cpu=devices.cpu,
                 high_noise_model=model_file("diffusion_models", high_noise_model, "high_noise_model"),
                 low_noise_model=model_file("diffusion_models", low_noise_model, "low_noise_model"),
-                vae=model_file("vae", vae, "vae"), rewards=tuple(rewards), held_out_rewards=held_out,
+                vae=model_file("vae", vae, "vae"), rewards=rewards, held_out_rewards=held_out,
                 base_model_name=f"{high_noise_model} + {low_noise_model}",
                 lora_rank=int(rank), lora_alpha=float(alpha), max_steps=int(steps), learning_rate=float(learning_rate),
                 batch_size=int(batch_size), gradient_accumulation_steps=int(gradient_accumulation), width=int(width),
@@ -224,32 +223,50 @@ class WanRewardLoraTrain(io.ComfyNode):
                 **prompt_inputs(prompts, prompts_file, prompt_embeddings, clip, float(guidance_scale) > 1,
                                 options.get("validation_prompts", ()), run_dir),
                 **image_inputs(start_images, start_images_folder, options, run_dir))
-            try:  # every value and every file's contents, before anything is unloaded or launched
-                plan = plan_run(request)
-                _, deepspeed = choose_memory(plan, deepspeed, devices.cpu, *memory_here(devices))
-            except ConfigError as exc:
-                raise input_error(exc) from None
-            except PlacementError as exc:
-                raise TrainInputError(f"input 'memory': {exc}") from None
-            phases = phase_configs(plan.config)
-            try:  # before hours of training: the targets must be absent or this run's own LoRAs
-                for phase in phases:
-                    for target in lora_targets(name, phase, plan.config):
-                        check_publish_target(target, run_dir, phase.config_hash())
-            except LaunchError as exc:
-                raise TrainInputError(str(exc)) from None
+            plan, phases, deepspeed = _checked_plan(request, deepspeed, devices, name, run_dir)
             histories = run_phases(plan, phases, devices, deepspeed, cls.hidden.unique_id)
-        names = [publish_phase(run_dir, name, phase, plan.config, history) for phase, history in zip(phases, histories)]
-        lora_name, best_name, best_step = names[0][0], names[-1][1], names[-1][2]
-        if len(phases) == 2:
-            best_name = names[0][1]
-        history = concat_phases(histories, [p.max_steps for p in phases])
-        curve = plot_training_curve(history)
-        summaries = {p.expert: final_scores(h) for p, h in zip(phases, histories)}
-        report = {"plan": plan.summary(), **(summaries[phases[0].expert] if len(phases) == 1 else summaries)}
-        scores = json.dumps(report, indent=1, default=str)
-        return io.NodeOutput(lora_name, curve, scores, best_name, best_step,
-                             ui={"text": (scores,), **ui.PreviewImage(curve, cls=cls).as_dict()})
+        return _outputs(cls, plan, phases, histories, run_dir, name)
+
+
+def _reward_choice(file: str, weight: float, variant: str, preprocess: str, slot: str,
+                   where: str | None = None) -> RewardChoice:
+    """One reward input (or held-out reward of the options node) resolved to its file."""
+    return RewardChoice(model_file(REWARD_MODELS, file, slot), float(weight), variant, preprocess, where or slot)
+
+
+def _checked_plan(request: TrainRequest, deepspeed: str, devices, name: str, run_dir: Path):
+    """The checked run plan, its phases and DeepSpeed preset; every fault is an error naming its input,
+    raised before anything is unloaded or launched."""
+    try:  # every value and every file's contents
+        plan = plan_run(request)
+        _, deepspeed = choose_memory(plan, deepspeed, devices.cpu, *memory_here(devices))
+    except ConfigError as exc:
+        raise input_error(exc) from None
+    except PlacementError as exc:
+        raise TrainInputError(f"input 'memory': {exc}") from None
+    phases = phase_configs(plan.config)
+    try:  # before hours of training: the targets must be absent or this run's own LoRAs
+        for phase in phases:
+            for target in lora_targets(name, phase, plan.config):
+                check_publish_target(target, run_dir, phase.config_hash())
+    except LaunchError as exc:
+        raise TrainInputError(str(exc)) from None
+    return plan, phases, deepspeed
+
+
+def _outputs(cls, plan, phases, histories, run_dir: Path, name: str) -> io.NodeOutput:
+    """Publish each phase's LoRAs; the outputs are the (first phase's) LoRA, the curve, the scores and
+    the best LoRA (of the phase that has one first)."""
+    names = [publish_phase(run_dir, name, phase, plan.config, history) for phase, history in zip(phases, histories)]
+    lora_name, best_name, best_step = names[0][0], names[-1][1], names[-1][2]
+    if len(phases) == 2:
+        best_name = names[0][1]
+    curve = plot_training_curve(concat_phases(histories, [p.max_steps for p in phases]))
+    summaries = {p.expert: final_scores(h) for p, h in zip(phases, histories)}
+    report = {"plan": plan.summary(), **(summaries[phases[0].expert] if len(phases) == 1 else summaries)}
+    scores = json.dumps(report, indent=1, default=str)
+    return io.NodeOutput(lora_name, curve, scores, best_name, best_step,
+                         ui={"text": (scores,), **ui.PreviewImage(curve, cls=cls).as_dict()})
 
 
 NODES = [WanRewardLoraTrain]

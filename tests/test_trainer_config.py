@@ -156,3 +156,12 @@ def test_shipped_reference_presets_name_the_recipe(preset):
     assert cfg.recipe == preset[: -len(".yaml")]
     assert cfg.expert == ("low" if "low" in preset else "high")
     assert cfg.rewards[0].preprocess == "squash" and cfg.effective_batch == 8
+
+
+def test_config_reward_names_are_the_registry_kinds():
+    # config_fields keeps its own tuple so the config stays free of the reward models' imports; a new
+    # reward kind must be accepted by the config as soon as the registry can load it.
+    from training.rewards.registry import REWARD_KINDS
+    from training.trainer.config_fields import REWARD_MODELS
+
+    assert sorted(REWARD_MODELS) == sorted(REWARD_KINDS)

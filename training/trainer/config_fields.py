@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REWARD_MODELS = ("hps", "mps", "pickscore", "aesthetic")  # rewards/registry.py REWARD_KINDS
+REWARD_MODELS = ("hps", "mps", "pickscore", "aesthetic")  # = rewards/registry.py REWARD_KINDS (a test checks)
 # MPS variants: "official" scorer (threshold 0.3, ~100 x cosine) or the reference's training reward
 # (threshold 0.01, plain cosine); "seed" is the old name of "videox_fun"
 REWARD_VARIANTS = ("official", "videox_fun")
