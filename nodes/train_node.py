@@ -182,10 +182,10 @@ class WanRewardLoraTrain(io.ComfyNode):
         except LaunchError as exc:
             raise TrainInputError(str(exc)) from None
         options = options or {}
-        rewards = [(reward_model, reward_weight, reward_variant, reward_preprocess, "reward_model")]
+        rewards = (_reward_choice(reward_model, reward_weight, reward_variant, reward_preprocess, "reward_model"),)
         if reward_model_2 and reward_model_2 != NONE:
-            rewards.append((reward_model_2, reward_weight_2, reward_variant_2, reward_preprocess_2, "reward_model_2"))
-        rewards = tuple(_reward_choice(*reward) for reward in rewards)
+            rewards += (_reward_choice(reward_model_2, reward_weight_2, reward_variant_2, reward_preprocess_2,
+                                       "reward_model_2"),)
         held_out = tuple(_reward_choice(file, 1.0, options.get("held_out_variant", FROM_RECIPE), FROM_RECIPE, slot,
                                         where=f"options: {slot}") for file, slot in options.get("held_out", []))
         run_dir = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / name
