@@ -255,12 +255,11 @@ def _checked_plan(request: TrainRequest, deepspeed: str, devices, name: str, run
 
 
 def _outputs(cls, plan, phases, histories, run_dir: Path, name: str) -> io.NodeOutput:
-    """Publish each phase's LoRAs; the outputs are the (first phase's) LoRA, the curve, the scores and
-    the best LoRA (of the phase that has one first)."""
+    """Publish each phase's LoRAs. The LoRA and best-LoRA outputs are the first phase's (with ``expert:
+    both`` the high-noise one, which the Dual LoRA Loader pairs with its low-noise partner); the curve
+    and the scores cover every phase."""
     names = [publish_phase(run_dir, name, phase, plan.config, history) for phase, history in zip(phases, histories)]
-    lora_name, best_name, best_step = names[0][0], names[-1][1], names[-1][2]
-    if len(phases) == 2:
-        best_name = names[0][1]
+    lora_name, best_name, best_step = names[0]
     curve = plot_training_curve(concat_phases(histories, [p.max_steps for p in phases]))
     summaries = {p.expert: final_scores(h) for p, h in zip(phases, histories)}
     report = {"plan": plan.summary(), **(summaries[phases[0].expert] if len(phases) == 1 else summaries)}

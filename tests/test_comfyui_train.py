@@ -333,6 +333,8 @@ def test_both_experts_publish_a_pair_the_loader_pairs_and_resume_continues_the_l
 
     comfyui = tiny_models
     graph = train_prompt("tiny_pair", steps=2, expert="both", deepspeed="none", gpus="cpu")
+    graph["3"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 3]}}  # best_lora_name
+    graph["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 4]}}  # best_step
     stopped = False
     with comfyui.listen("wan_reward.train") as events:
         prompt_id = comfyui.queue(graph)
@@ -360,6 +362,8 @@ def test_both_experts_publish_a_pair_the_loader_pairs_and_resume_continues_the_l
     assert report.count("keys unmatched: 0;") == 2 and "shape mismatches: 0" in report, report
     scores = json.loads(outputs["1"]["text"][0])
     assert scores["high"]["steps"] == 2 and scores["low"]["steps"] == 2
+    # no validation: the "best" is the high-noise phase's last LoRA, and its step is that phase's
+    assert outputs["3"]["text"][0] == high and outputs["4"]["text"][0] == "2"
 
 
 @pytest.mark.parametrize("memory,gpus,deepspeed", [("low", "cpu", "zero3_offload"), ("sharded", "cpu:2", "zero3_offload")])
