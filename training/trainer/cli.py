@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     progress = Progress(cfg.output_dir, main_process=_is_main_process())
     try:
+        from .distributed import end_process_group
         from .recipe import train
 
-        return train(cfg, progress, decision=decision)
+        code = train(cfg, progress, decision=decision)  # returns with every rank past the last collective
+        end_process_group()
+        return code
     except ConfigError as exc:  # late checks that need the files (prompts vs embeddings, ...)
         progress.emit("error", kind="config", field=exc.field, message=str(exc))
         return EXIT_CONFIG

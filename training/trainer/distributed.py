@@ -129,3 +129,13 @@ def broadcast_flags(accelerator, *flags: bool) -> list[bool]:
 
         values = broadcast(values, from_process=0)
     return [bool(v.item()) for v in values]
+
+
+def end_process_group() -> None:
+    """Destroy the process group of a launched run (WORLD_SIZE > 1) once every rank is past its last
+    collective. Left to interpreter exit, gloo's worker threads may free tensors after Python is torn
+    down and abort the process with SIGABRT (pytorch/pytorch#179291): a finished run would exit 1."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
